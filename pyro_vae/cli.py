@@ -1,0 +1,145 @@
+"""Command line: ``pyro-vae train | evaluate | sample``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__, evaluation_commands
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import TrainConfig, load_toml
+from .data import DATASET_NAMES, DataError
+from .decoders import DataDomainError
+from .objectives import OBJECTIVES
+from .parts import DECODERS, GUIDES, PRIORS
+from .training import CHECKPOINT, TrainingDiverged, train
+
+USER_ERRORS = (ValueError, CheckpointError, DataError, DataDomainError, TrainingDiverged, FileNotFoundError)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS  # unset flags stay absent, so a config file can supply them
+    d = TrainConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=S, help=f"data set: {', '.join(DATASET_NAMES)}, or a .npy/.npz path "
+                                              f"(default {d.data})")
+    g.add_argument("--data-dir", default=S, help="folder with data files (default: $PYRO_VAE_DATA, "
+                                                 "else the user cache)")
+    g = p.add_argument_group("model")
+    g.add_argument("--prior", default=S, choices=list(PRIORS), help=f"default {d.prior}")
+    g.add_argument("--guide", default=S, choices=list(GUIDES), help=f"default {d.guide}")
+    g.add_argument("--decoder", default=S, choices=list(DECODERS), help=f"default {d.decoder}")
+    g.add_argument("--latent-dim", type=positive_int, default=S, help=f"default {d.latent_dim}")
+    g.add_argument("--hidden", type=positive_int, nargs="+", default=S,
+                   help=f"encoder hidden sizes; the decoder mirrors them (default {' '.join(map(str, d.hidden))})")
+    g.add_argument("--activation", default=S, help=f"default {d.activation}")
+    g.add_argument("--sigma-x", type=float, default=S, help=f"Gaussian decoder scale (default {d.sigma_x})")
+    g.add_argument("--conditional", action="store_true", default=S, help="condition on labels (cVAE)")
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", default=S, choices=OBJECTIVES, help=f"default {d.objective}")
+    g.add_argument("--particles", type=positive_int, default=S,
+                   help="number of particles K (default 1 for trace/meanfield, 5 for renyi/iwae)")
+    g.add_argument("--alpha", type=float, default=S, help="Renyi alpha (renyi only; not 1)")
+    g.add_argument("--beta", type=float, default=S, help=f"beta-VAE weight on the KL (default {d.beta})")
+    g.add_argument("--warmup-epochs", type=float, default=S,
+                   help="linear KL warm-up from 0 to beta over this many epochs (default 0: none)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=positive_int, default=S, help=f"default {d.epochs}")
+    g.add_argument("--batch-size", type=positive_int, default=S, help=f"default {d.batch_size}")
+    g.add_argument("--lr", type=float, default=S, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--patience", type=int, default=S,
+                   help=f"early stopping patience in epochs, 0 disables (default {d.patience})")
+    g.add_argument("--seed", type=int, default=S, help=f"default {d.seed}")
+    g.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
+    g = p.add_argument_group("output")
+    g.add_argument("--run-dir", default=S, help="where to write the run (default runs/DATA-OBJECTIVE-TIME)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro model/guide pairs.")
+    parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a VAE (default: on the embedded digits data)")
+    p.add_argument("--config", help="TOML file of options; flags override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    _add_train_arguments(p)
+
+    evaluation_commands.add_parsers(sub)
+
+    p = sub.add_parser("sample", help="PNG grids of samples and reconstructions")
+    p.add_argument("run_dir")
+    p.add_argument("--num", type=positive_int, default=100, help="number of samples (default 100)")
+    p.add_argument("--out", default=None, help="output folder (default: the run directory)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < TOML file (``--config``) < explicit flags; with ``--resume``, the run's saved config
+    replaces the defaults and the file."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    if args.resume:
+        state = load_checkpoint(Path(args.resume) / CHECKPOINT)
+        base = state["config"]
+        flags["run_dir"] = args.resume
+    else:
+        base = TrainConfig().to_dict()
+        if args.config:
+            base.update(load_toml(args.config))
+    return TrainConfig.from_dict({**base, **flags})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    result = train(config, resume=bool(args.resume))
+    run_dir = result.run_dir
+    if result.interrupted:
+        print(f"interrupted; continue with: pyro-vae train --resume {run_dir}")
+        return 130
+    from .pictures import write_run_pictures
+
+    pictures = write_run_pictures(run_dir)
+    last = result.history[-1] if result.history else None
+    print(f"run directory: {run_dir}")
+    if last:
+        print(f"  final validation ELBO: {last['valid_elbo']:.3f} nats (epoch {last['epoch']})")
+    print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
+    print(f"  checkpoint:  {run_dir / CHECKPOINT} (best: {run_dir / 'best.pt'})")
+    for path in pictures:
+        print(f"  picture:     {path}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .pictures import write_run_pictures
+
+    for path in write_run_pictures(args.run_dir, out_dir=args.out, num=args.num, data_dir=args.data_dir,
+                                   device=args.device, seed=args.seed):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"train": cmd_train, "sample": cmd_sample, **evaluation_commands.COMMANDS}[args.command]
+    try:
+        return command(args)
+    except USER_ERRORS as e:
+        print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130

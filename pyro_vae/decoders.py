@@ -1,0 +1,108 @@
+"""Decoders p(x | z): likelihoods of Sec. 1.6 of the derivations.
+
+A decoder's ``forward(z, y=None)`` maps latents of shape ``(..., B, r)`` to a
+distribution with batch shape ``(..., B)`` and event shape ``(d,)``; the leading
+``...`` is a vectorized particle dimension when there is one.  ``check_data``
+rejects data outside the likelihood's support before training starts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+import pyro.distributions as dist
+
+from .guides import concat_condition
+from .networks import mlp
+
+
+class DataDomainError(ValueError):
+    """Data lies outside the support of the chosen decoder likelihood."""
+
+
+class Decoder(nn.Module):
+    """Base class: ``forward(z, y=None) -> Distribution`` over ``x``."""
+
+    def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int], activation: str,
+                 condition_dim: int, outputs_per_pixel: int = 1) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.output_dim = output_dim
+        self.net = mlp(latent_dim + condition_dim, hidden, outputs_per_pixel * output_dim, activation)
+
+    def features(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.net(concat_condition(z, y))
+
+    def mean(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x | z], used for pictures of samples and reconstructions."""
+        return self(z, y).mean
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        """Raise :class:`DataDomainError` if ``x`` is not finite."""
+        bad = (~torch.isfinite(x)).sum().item()
+        if bad:
+            raise DataDomainError(f"{what} has {bad} NaN or infinite values; the decoder needs finite inputs")
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:  # pragma: no cover
+        raise NotImplementedError
+
+
+class BernoulliDecoder(Decoder):
+    """p(x | z) = prod_j Bernoulli(x_j; sigmoid(f(z))_j), parameterized by logits
+    so that ``log p`` is the numerically stable ``-BCEWithLogits``."""
+
+    def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
+                 activation: str = "relu", condition_dim: int = 0) -> None:
+        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
+        # Support is checked once on the whole data set (check_data), not per step;
+        # grayscale targets in [0, 1] are then allowed, as in Pyro's own VAE example.
+        return dist.Bernoulli(logits=self.features(z, y), validate_args=False).to_event(1)
+
+    def mean(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.features(z, y))
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        super().check_data(x, what)
+        lo, hi = x.min().item(), x.max().item()
+        if lo < 0.0 or hi > 1.0:
+            raise DataDomainError(
+                f"{what} has values in [{lo:g}, {hi:g}]; the Bernoulli decoder needs values in [0, 1] "
+                "(rescale the data, or use --decoder gaussian)"
+            )
+
+
+class GaussianDecoder(Decoder):
+    """p(x | z) = N(x; mu(z), sigma_x^2 I) (Sec. 1.6), with ``sigma_x`` fixed or learned.
+
+    With ``learn_sigma=True`` a single scalar ``log sigma_x`` is a parameter,
+    initialised at ``log(sigma)``.
+    """
+
+    def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
+                 activation: str = "relu", condition_dim: int = 0, sigma: float = 1.0,
+                 learn_sigma: bool = False) -> None:
+        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim)
+        if not sigma > 0:
+            raise ValueError(f"sigma_x must be positive, got {sigma!r}")
+        log_sigma = torch.tensor(math.log(sigma))
+        if learn_sigma:
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
+        loc = self.features(z, y)
+        return dist.Normal(loc, self.sigma.expand_as(loc), validate_args=False).to_event(1)
+
+    def mean(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.features(z, y)
