@@ -25,6 +25,7 @@ from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.util import site_is_subsample
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from pyro.util import warn_if_nan
 
@@ -116,7 +117,7 @@ def analytic_kl_sites(model, guide, *args, **kwargs) -> dict[str, bool]:
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     report = {}
     for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"]:
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue
         try:
             with torch.no_grad():

@@ -12,7 +12,7 @@ chosen by :func:`resolve_data_dir` (``--data-dir`` > ``PYRO_VAE_DATA`` > user ca
 """
 
 from .dataset import Dataset
-from .errors import ChecksumError, DataError, MissingDataError
+from .errors import ChecksumError, DataError, DownloadError, MissingDataError
 from .paths import DATA_ENV_VAR, resolve_data_dir
 from .registry import DATASET_NAMES, load_dataset
 
@@ -22,6 +22,7 @@ __all__ = [
     "ChecksumError",
     "DataError",
     "Dataset",
+    "DownloadError",
     "MissingDataError",
     "load_dataset",
     "resolve_data_dir",

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .errors import ChecksumError, DataError, MissingDataError
+from .errors import ChecksumError, DataError, DownloadError, MissingDataError
 from .formats import is_gzip, maybe_gunzip
 from .paths import DATA_ENV_VAR
 
@@ -200,28 +200,37 @@ def download_file(remote: RemoteFile, dest_dir: str | os.PathLike[str], *, timeo
     The file is written to a temporary name and atomically renamed, so an
     interrupted download never leaves a partial file under the real name.
     Raises :class:`ChecksumError` if a server sent corrupt data (the file is
-    deleted) and no other URL worked, :class:`DataError` listing each URL and
+    deleted) and no other URL worked, :class:`DownloadError` listing each URL and
     its error if none could be fetched.
     """
     dest = pathlib.Path(dest_dir)
+    new_dirs = [d for d in (dest, *dest.parents) if not d.exists()]  # deepest first
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create folder {dest} to download {remote.name} into: {exc}") from exc
-    failures: list[str] = []
+        raise DownloadError(f"cannot create folder {dest} to download {remote.name} into: {exc}") from exc
+    failures: list[tuple[str, str]] = []
     checksum_error: ChecksumError | None = None
-    for url in remote.urls:
-        logger.info("downloading %s to %s", url, dest)
-        try:
-            return _fetch(url, remote, dest, timeout)
-        except ChecksumError as exc:
-            checksum_error = exc
-            failures.append(f"{url}: checksum mismatch (expected {exc.expected}, got {exc.actual})")
-        except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, bad URLs
-            failures.append(f"{url}: {exc}")
+    try:
+        for url in remote.urls:
+            logger.info("downloading %s to %s", url, dest)
+            try:
+                return _fetch(url, remote, dest, timeout)
+            except ChecksumError as exc:
+                checksum_error = exc
+                failures.append((url, f"checksum mismatch (expected {exc.expected}, got {exc.actual})"))
+            except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, bad URLs
+                failures.append((url, str(exc)))
+    finally:
+        for folder in new_dirs:  # leave no empty folders behind after a failed download
+            with contextlib.suppress(OSError):  # not empty: the download worked
+                folder.rmdir()
     if checksum_error is not None:
         raise checksum_error
-    raise DataError(f"could not download {remote.name}:\n" + "\n".join(f"  {f}" for f in failures))
+    raise DownloadError(
+        f"could not download {remote.name}:\n" + "\n".join(f"  {url}: {why}" for url, why in failures),
+        failures,
+    )
 
 
 def ensure_files(
@@ -241,7 +250,7 @@ def ensure_files(
     target = data_dir / subfolder
     folders = [target, data_dir]
     found: list[pathlib.Path | None] = [find_local(f, folders) for f in files]
-    failures: dict[str, str] = {}
+    failures: dict[str, DataError | OSError] = {}
     if download:
         for i, remote in enumerate(files):
             if found[i] is None:
@@ -250,7 +259,7 @@ def ensure_files(
                 except ChecksumError:
                     raise
                 except (DataError, OSError) as exc:
-                    failures[remote.name] = str(exc)
+                    failures[remote.name] = exc
     missing = [f for f, path in zip(files, found) if path is None]
     if missing:
         raise MissingDataError(_missing_message(dataset, missing, failures, target, data_dir, download))
@@ -260,7 +269,7 @@ def ensure_files(
 def _missing_message(
     dataset: str,
     missing: Sequence[RemoteFile],
-    failures: dict[str, str],
+    failures: dict[str, DataError | OSError],
     target: pathlib.Path,
     data_dir: pathlib.Path,
     download: bool,
@@ -269,11 +278,15 @@ def _missing_message(
     for remote in missing:
         others = [n for n in remote.accepted_names if n != remote.name]
         lines.append(f"  - {remote.name}" + (f" (or {', '.join(others)})" if others else ""))
-        verb = "tried" if remote.name in failures else "from"
-        lines.extend(f"      {verb} {url}" for url in remote.urls)
-        if remote.name in failures:
-            lines.append("      download failed:")
-            lines.extend(f"        {line.strip()}" for line in failures[remote.name].splitlines() if line.strip())
+        error = failures.get(remote.name)
+        reasons = dict(error.failures) if isinstance(error, DownloadError) else {}
+        for url in remote.urls:
+            if url in reasons:
+                lines.append(f"      tried {url}: {reasons[url]}")
+            else:
+                lines.append(f"      {'tried' if error is not None else 'from'} {url}")
+        if error is not None and not reasons:
+            lines.append(f"      download failed: {error}")
     if download:
         lines.append("The download failed (no network?). Download the files by hand from the URLs above")
     else:

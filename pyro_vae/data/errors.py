@@ -18,6 +18,14 @@ class MissingDataError(DataError):
     """Files of a data set are missing locally and could not be downloaded."""
 
 
+class DownloadError(DataError):
+    """No URL of a file could be fetched; ``failures`` lists ``(url, reason)`` pairs."""
+
+    def __init__(self, message: str, failures: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.failures = list(failures or [])
+
+
 class ChecksumError(DataError):
     """A file's md5 does not match the published checksum.
 

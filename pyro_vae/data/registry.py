@@ -295,6 +295,12 @@ def _load_array_file(path: pathlib.Path, name: str, valid_fraction: float, seed:
         arrays = {"x": arrays[""]}
     else:
         layout = _npz_layout(path, set(arrays))
+        with_labels = [f"{split}_labels" for split in layout if f"{split}_labels" in arrays]
+        if with_labels and len(with_labels) != len(layout):
+            raise DataError(
+                f"{path}: labels for some splits only ({', '.join(with_labels)}); give "
+                f"{', '.join(repr(f'{split}_labels') for split in layout)} for all splits or none"
+            )
     if layout == ("x",):
         x = _check_array(arrays["x"], f"{path} ['x']")
         y = arrays.get("y")
