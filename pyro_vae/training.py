@@ -239,7 +239,15 @@ class Trainer:
                     yb = None if self.y_train is None else self.y_train[idx]
                     self.vae.kl_scale = kl_scale_at(step, cfg.beta, cfg.warmup_epochs * steps_per_epoch)
                     self.vae.set_progress(step, steps_per_epoch)
-                    loss = self.loss_fn(self.vae.model, self.vae.guide, xb, yb) / xb.shape[0]
+                    try:
+                        loss = self.loss_fn(self.vae.model, self.vae.guide, xb, yb) / xb.shape[0]
+                    except (ValueError, RuntimeError) as e:
+                        # NaN parameters from an earlier, not yet checked step make distributions
+                        # refuse their arguments: report the step that diverged, not this one.
+                        if losses:
+                            self._check_finite(torch.stack(losses), step - len(losses), epoch,
+                                               b - len(losses), cause=e)
+                        raise
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
@@ -303,16 +311,17 @@ class Trainer:
                        + f" nats ({seconds:.1f} s)")
         return row
 
-    def _check_finite(self, chunk: torch.Tensor, first_step: int, epoch: int, first_batch: int) -> None:
+    def _check_finite(self, chunk: torch.Tensor, first_step: int, epoch: int, first_batch: int,
+                      cause: BaseException | None = None) -> None:
         finite = torch.isfinite(chunk)
         if bool(finite.all()):
             return
-        bad = int((~finite).nonzero()[0, 0])
+        bad = int((~finite).nonzero()[0])
         raise TrainingDiverged(
             f"loss became {float(chunk[bad])} at step {first_step + bad + 1} "
             f"(epoch {epoch + 1}, batch {first_batch + bad + 1}); training stopped. The last good "
             f"checkpoint is kept in {self.run_dir / CHECKPOINT}; try a smaller --lr"
-        )
+        ) from cause
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         if state["input_dim"] != self.dataset.num_features:

@@ -85,6 +85,8 @@ class VAE(nn.Module):
     def _latent_scale(self):
         if self.kl_scale == 1.0:
             return contextlib.nullcontext()
+        if self.kl_scale == 0.0:  # beta = 0, or the first warm-up step: drop the latent terms
+            return poutine.mask(mask=False)
         return poutine.scale(scale=self.kl_scale)
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
