@@ -37,7 +37,7 @@ def save_image_grid(x: torch.Tensor, path: str | Path, image_shape: Sequence[int
         for s in ax.spines.values():
             s.set_visible(False)
         if i < n:
-            ax.imshow(images[i], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(images[i].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     if row_labels:
         for r, label in enumerate(row_labels[:nrows]):
             axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center")
