@@ -44,6 +44,27 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation", default=S, help=f"default {d.activation}")
     g.add_argument("--sigma-x", type=float, default=S, help=f"Gaussian decoder scale (default {d.sigma_x})")
     g.add_argument("--conditional", action="store_true", default=S, help="condition on labels (cVAE)")
+    g.add_argument("--mixture-components", type=positive_int, default=S,
+                   help=f"components of --prior mixture (default {d.mixture_components})")
+    g.add_argument("--pseudo-inputs", type=positive_int, default=S,
+                   help=f"pseudo-inputs of --prior vamp (default {d.pseudo_inputs})")
+    g.add_argument("--flow-steps", type=positive_int, default=S,
+                   help=f"autoregressive steps of --prior flow and --guide iaf (default {d.flow_steps})")
+    g.add_argument("--flow-hidden", type=positive_int, default=S,
+                   help=f"hidden units per autoregressive network, >= latent dim (default {d.flow_hidden})")
+    g.add_argument("--guide-rank", type=positive_int, default=S,
+                   help=f"covariance rank of --guide lowrank (default {d.guide_rank})")
+    g.add_argument("--num-categories", type=int, default=S,
+                   help="categories per latent of --prior/--guide categorical; --latent-dim is then the "
+                        f"number of categorical latents (default {d.num_categories})")
+    g.add_argument("--temperature", type=float, default=S,
+                   help=f"initial Gumbel-Softmax temperature (default {d.temperature})")
+    g.add_argument("--temperature-min", type=float, default=S,
+                   help=f"floor of the annealed temperature (default {d.temperature_min})")
+    g.add_argument("--temperature-anneal", type=float, default=S,
+                   help=f"exponential temperature decay rate per epoch (default {d.temperature_anneal})")
+    g.add_argument("--straight-through", action="store_true", default=S,
+                   help="hard one-hot latents forward, relaxed gradients backward")
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default=S, choices=OBJECTIVES, help=f"default {d.objective}")
     g.add_argument("--particles", type=positive_int, default=S,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .discrete import MIN_TEMPERATURE
+
 
 @dataclass
 class TrainConfig:
@@ -27,6 +29,17 @@ class TrainConfig:
     activation: str = "relu"
     sigma_x: float = 0.1
     conditional: bool = False
+    # model: options of particular parts (see docs/parts.md)
+    mixture_components: int = 10  # --prior mixture: number of Gaussian components
+    pseudo_inputs: int = 100  # --prior vamp: number of learnable pseudo-inputs K
+    flow_steps: int = 2  # --prior flow / --guide iaf: number of autoregressive steps
+    flow_hidden: int = 128  # hidden units of each autoregressive network (and the IAF context size)
+    guide_rank: int = 2  # --guide lowrank: rank of the covariance factor
+    num_categories: int = 10  # --prior/--guide categorical: categories per latent (latent_dim = number of latents)
+    temperature: float = 1.0  # Gumbel-Softmax temperature at the first step
+    temperature_min: float = 0.5  # the temperature never anneals below this
+    temperature_anneal: float = 0.1  # exponential decay rate of the temperature per epoch
+    straight_through: bool = False  # hard one-hot samples forward, relaxed gradients backward
     # objective
     objective: str = "trace"
     particles: int | None = None
@@ -79,8 +92,36 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 0 (0 disables early stopping), got {self.patience!r}")
         if any((not isinstance(h, int)) or h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes must be positive integers, got {self.hidden!r}")
+        self._validate_part_options()
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def _validate_part_options(self) -> None:
+        """Ranges of the options of particular parts (priors, guides, discrete latents)."""
+        counts = {"mixture_components": self.mixture_components, "pseudo_inputs": self.pseudo_inputs,
+                  "flow_steps": self.flow_steps, "flow_hidden": self.flow_hidden,
+                  "guide_rank": self.guide_rank}
+        for name, value in counts.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.guide == "lowrank" and self.guide_rank > self.latent_dim:
+            raise ValueError(f"guide_rank must be at most latent_dim={self.latent_dim}, got {self.guide_rank!r} "
+                             "(use --guide full for a full covariance)")
+        if (self.prior == "flow" or self.guide == "iaf") and self.flow_hidden < self.latent_dim:
+            raise ValueError(f"flow_hidden must be at least latent_dim={self.latent_dim} (an autoregressive "
+                             f"network needs as many hidden units as inputs), got {self.flow_hidden!r}")
+        if not isinstance(self.num_categories, int) or self.num_categories < 2:
+            raise ValueError(f"num_categories must be an integer >= 2, got {self.num_categories!r}")
+        if not self.temperature_min >= MIN_TEMPERATURE:
+            raise ValueError(f"temperature_min must be >= {MIN_TEMPERATURE}: colder relaxed samples underflow "
+                             "to exact one-hots (pyro issue #3304) and their gradients explode; "
+                             f"got {self.temperature_min!r}")
+        if not self.temperature >= self.temperature_min:
+            raise ValueError(f"temperature must be >= temperature_min={self.temperature_min}, "
+                             f"got {self.temperature!r}")
+        if not self.temperature_anneal >= 0:
+            raise ValueError(f"temperature_anneal must be >= 0 (0 keeps the temperature fixed), "
+                             f"got {self.temperature_anneal!r}")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

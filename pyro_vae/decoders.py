@@ -106,3 +106,42 @@ class GaussianDecoder(Decoder):
 
     def mean(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.features(z, y)
+
+
+class PixelScaleGaussianDecoder(GaussianDecoder):
+    """p(x | z) = N(x; mu(z), diag(sigma_1^2, ..., sigma_d^2)) with one learned
+    ``log sigma_j`` per pixel, shared by all ``z`` (Sec. 1.6 with a heteroscedastic
+    but input-independent scale), initialised at ``log(sigma)``.  Learning the
+    scale lets the likelihood find its own noise level per pixel instead of the
+    fixed ``sigma_x`` that sets the reconstruction/KL balance by hand."""
+
+    def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
+                 activation: str = "relu", condition_dim: int = 0, sigma: float = 1.0) -> None:
+        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim, sigma=sigma, learn_sigma=True)
+        self.log_sigma = nn.Parameter(torch.full((output_dim,), math.log(sigma)))
+
+
+class ContinuousBernoulliDecoder(Decoder):
+    """p(x | z) = prod_j CB(x_j; lambda_j(z)) for x in [0, 1]: the continuous Bernoulli of
+    Loaiza-Ganem & Cunningham 2019, ``CB(x; lambda) = C(lambda) lambda^x (1 - lambda)^(1 - x)``
+    with the normalizer ``C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda)`` (2 at
+    lambda = 1/2) that the Bernoulli likelihood misses on grayscale data.
+
+    ``mean`` is ``E[x | z]`` under the CB, which differs from ``lambda``.
+    """
+
+    def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
+                 activation: str = "relu", condition_dim: int = 0) -> None:
+        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
+        return dist.ContinuousBernoulli(logits=self.features(z, y), validate_args=False).to_event(1)
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        super().check_data(x, what)
+        lo, hi = x.min().item(), x.max().item()
+        if lo < 0.0 or hi > 1.0:
+            raise DataDomainError(
+                f"{what} has values in [{lo:g}, {hi:g}]; the continuous Bernoulli decoder needs values "
+                "in [0, 1] (rescale the data, or use --decoder gaussian)"
+            )

@@ -14,7 +14,18 @@ from torch import nn
 
 import pyro.distributions as dist
 
+from . import kl  # noqa: F401  (registers KL(correlated Gaussian || diagonal Gaussian) for meanfield)
 from .networks import mlp
+
+
+def zero_output_rows(net: nn.Sequential, start: int) -> None:
+    """Zero the weights and biases of the last layer's outputs ``start:``, so that a guide
+    with extra covariance outputs starts as the diagonal guide (the reparameterized
+    draw still gives those outputs gradients)."""
+    last = net[-1]
+    with torch.no_grad():
+        last.weight[start:].zero_()
+        last.bias[start:].zero_()
 
 
 def concat_condition(inputs: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -53,3 +64,67 @@ class DiagonalGaussianEncoder(Encoder):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
         loc, log_var = self.encode(x, y)
         return dist.Normal(loc, (0.5 * log_var).exp()).to_event(1)
+
+
+class LowRankGaussianEncoder(Encoder):
+    """q(z | x) = N(mu(x), W(x) W(x)^T + diag(d(x))) with a rank-``rank`` factor ``W``:
+    a correlated Gaussian guide at O(r * rank) cost (the rank-one-plus-diagonal
+    covariance of Rezende et al. 2014, to any rank; ``LowRankMultivariateNormal``).
+
+    Draws are reparameterized, ``z = mu + W eps_1 + sqrt(d) * eps_2`` (Eq. (7)
+    with a correlated scale).  ``d = exp(l)`` where ``l`` plays the role of the
+    diagonal encoder's log-variance, so with ``W = 0`` it is the diagonal guide; it
+    starts there (``W`` initialised to zero).
+    """
+
+    def __init__(self, input_dim: int, latent_dim: int, rank: int = 2, hidden: Sequence[int] = (400,),
+                 activation: str = "relu", condition_dim: int = 0) -> None:
+        super().__init__()
+        if not 1 <= rank <= latent_dim:
+            raise ValueError(f"rank must be between 1 and latent_dim={latent_dim}, got {rank!r}")
+        self.latent_dim = latent_dim
+        self.rank = rank
+        self.net = mlp(input_dim + condition_dim, hidden, (2 + rank) * latent_dim, activation)
+        zero_output_rows(self.net, 2 * latent_dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
+        out = self.net(concat_condition(x, y))
+        r = self.latent_dim
+        loc, log_diag, factor = out[..., :r], out[..., r:2 * r], out[..., 2 * r:]
+        cov_factor = factor.reshape(*factor.shape[:-1], r, self.rank)
+        return dist.LowRankMultivariateNormal(loc, cov_factor, log_diag.exp())
+
+
+class FullCovarianceEncoder(Encoder):
+    """q(z | x) = N(mu(x), L(x) L(x)^T) with a full lower-triangular Cholesky
+    factor ``L`` (the full-covariance Gaussian posterior of Kingma & Welling 2019,
+    "An Introduction to Variational Autoencoders"): ``z = mu + L eps``, Eq. (7)
+    with a correlated scale.
+
+    The network emits ``mu``, a log-variance ``l`` for the diagonal of ``L``
+    (``L_ii = exp(l_i / 2)``, as in the diagonal guide) and the ``r(r-1)/2``
+    entries below the diagonal, which start at zero: training starts from the
+    diagonal guide.
+    """
+
+    def __init__(self, input_dim: int, latent_dim: int, hidden: Sequence[int] = (400,),
+                 activation: str = "relu", condition_dim: int = 0) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
+        # positions of the strictly lower entries in the row-major flattened r x r matrix
+        self.register_buffer("below_index", rows * latent_dim + cols, persistent=False)
+        self.net = mlp(input_dim + condition_dim, hidden, 2 * latent_dim + rows.numel(), activation)
+        zero_output_rows(self.net, 2 * latent_dim)
+
+    def scale_tril(self, log_var: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+        """Assemble ``L`` of shape ``(..., r, r)`` from its log-variance diagonal and strict lower part."""
+        r = self.latent_dim
+        lower = below.new_zeros(*below.shape[:-1], r * r).index_copy(-1, self.below_index, below)
+        return lower.reshape(*below.shape[:-1], r, r) + torch.diag_embed((0.5 * log_var).exp())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
+        out = self.net(concat_condition(x, y))
+        r = self.latent_dim
+        loc, log_var, below = out[..., :r], out[..., r:2 * r], out[..., 2 * r:]
+        return dist.MultivariateNormal(loc, scale_tril=self.scale_tril(log_var, below))

@@ -39,7 +39,7 @@ def test_evaluate_and_sample_commands(trained_run, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "digits test set" in out
     report = json.loads((trained_run / "evaluation.json").read_text())
-    assert report["data"] == "digits"
+    assert report["test_set"]["name"] == "digits"
     assert main(["sample", str(trained_run), "--out", str(tmp_path), "--num", "20"]) == 0
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "reconstructions.png").is_file()
 

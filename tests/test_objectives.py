@@ -60,11 +60,14 @@ def test_iwae_bound_increases_with_k(problem):
 def test_exact_posterior_guide_makes_every_bound_tight(problem, name):
     vae = problem.vae("exact")
     exact = problem.log_evidence().mean().item()
-    bound, se = per_point_bound(make_elbo(name, **OBJECTIVE_ARGS[name]), vae, problem.x, repeats=20)
-    # Pyro registers no KL(MultivariateNormal || Independent(Normal)), so meanfield falls back to
-    # Monte Carlo here, and every log-weight equals log p(x) exactly: zero variance.
-    assert analytic_kl_sites(vae.model, vae.guide, problem.x) == {"z": False}
-    assert bound == pytest.approx(exact, abs=1e-6)
+    bound, se = per_point_bound(make_elbo(name, **OBJECTIVE_ARGS[name]), vae, problem.x, repeats=100)
+    if name == "meanfield":
+        # pyro_vae.kl registers KL(MultivariateNormal || diagonal Normal): the bound is then
+        # E_q[log p(x|z)] - KL, whose one-sample estimate has variance; it is tight in expectation.
+        assert analytic_kl_sites(vae.model, vae.guide, problem.x) == {"z": True}
+        assert abs(bound - exact) < 3 * se + 1e-6
+    else:  # every log-weight log p(x, z) - log q(z | x) equals log p(x): zero variance
+        assert bound == pytest.approx(exact, abs=1e-6)
 
 
 def test_trace_and_meanfield_agree_in_expectation(problem):
