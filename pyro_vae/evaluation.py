@@ -1,15 +1,48 @@
-"""Test-set bounds from per-point importance log-weights (see :mod:`pyro_vae.importance`)."""
+"""Test-set bounds side by side, from one set of importance draws per data point.
+
+For every test point, ``K`` draws ``z_k ~ q(z | x)`` give log-weights
+``log w_k = log p(x, z_k) - log q(z_k | x)`` (:mod:`pyro_vae.importance`, via
+Pyro traces, so any prior/guide/decoder works).  From the same ``(K,)`` draws:
+
+* ``log p(x)``: the IWAE estimator with all ``K`` draws, ``log (1/K) sum_k w_k``
+  (Sec. 1.10; Burda et al. 2015 use ``K = 5000``);
+* ELBO (Eq. 2), Monte Carlo: ``mean_k log w_k``, with its split into
+  reconstruction ``mean_k log p(x | z_k)`` and KL ``-mean_k log p(z_k)/q(z_k|x)``;
+* ELBO with analytic KL (Eq. 4/6): ``mean_k log p(x | z_k) - KL(q || p)`` where
+  ``kl_divergence`` is registered for the latent site, else n/a;
+* IWAE bound for each ``k`` in ``iwae_ks`` (``k <= K``): averaged over the
+  ``floor(K / k)`` disjoint groups of ``k`` draws, so all bounds *share the
+  same draws* (and differences between them are less noisy than independent runs);
+* Renyi bound (Li & Turner 2016) ``1/(1-a) log (1/K) sum_k w_k^(1-a)``: a power
+  mean of the weights, so for ``a >= 0`` it is at most the IWAE estimate on the
+  same draws (a stochastic lower bound on ``log p(x)``); ``0 < a < 1`` lies between
+  the ELBO and IWAE, ``a > 1`` below the ELBO; ``a < 0`` is *not* a lower bound;
+* the gap ``log p(x) - ELBO``, the amortized posterior gap
+  ``KL(q(z|x) || p(z|x))`` of Eq. (3) / Sec. 1.8 (estimated; the estimate is
+  itself slightly low because ``log p(x)`` is);
+* latent diagnostics and PSIS k-hat (:mod:`pyro_vae.diagnostics`).
+
+Every figure is reported as a mean over points with its standard error.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
-from .equations import iwae_bound
-from .importance import log_weights
+from . import arviz_compat, diagnostics
+from .importance import (DEFAULT_MAX_MEMORY_MB, ChunkPlan, LogWeights, iter_point_groups, module_device,
+                         plan_chunks)
 from .vae import VAE
+
+DEFAULT_PARTICLES = 5000
+DEFAULT_IWAE_KS = (1, 5, 50, 5000)
+DEFAULT_RENYI_ALPHAS = (0.5, 2.0)
 
 
 @dataclass
@@ -25,29 +58,197 @@ class Estimate:
 
 
 def summarize(per_point: torch.Tensor) -> Estimate:
-    n = per_point.numel()
-    sd = per_point.std().item() if n > 1 else 0.0
-    return Estimate(per_point.mean().item(), sd / math.sqrt(n), n)
+    """Mean and standard error ``sd / sqrt(n)`` of per-point values (in float64)."""
+    values = per_point.detach().double().flatten()
+    n = values.numel()
+    if n == 0:
+        raise ValueError("cannot summarize an empty set of per-point values")
+    sd = values.std().item() if n > 1 else 0.0
+    return Estimate(values.mean().item(), sd / math.sqrt(n), n)
+
+
+# -- per-point bounds from log-weights -------------------------------------------------------
+
+def log_mean_exp(a: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    return torch.logsumexp(a, dim=dim) - math.log(a.shape[dim])
+
+
+def iwae_bound_grouped(log_w: torch.Tensor, k: int) -> torch.Tensor:
+    """IWAE bound with ``k`` particles per point from ``(K, B)`` log-weights, averaged
+    over the ``floor(K / k)`` disjoint groups of ``k`` draws (Burda et al. 2015)."""
+    groups = log_w.shape[0] // k
+    if groups < 1:
+        raise ValueError(f"IWAE with k={k} needs at least {k} draws per point, got {log_w.shape[0]}")
+    return log_mean_exp(log_w[:groups * k].reshape(groups, k, -1), dim=1).mean(0)
+
+
+def renyi_bound(log_w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Renyi bound ``1/(1-alpha) log (1/K) sum_k w_k^(1-alpha)`` per point (Li & Turner 2016)."""
+    if alpha == 1:
+        raise ValueError("the Renyi bound with alpha=1 is the ELBO; choose alpha != 1")
+    return log_mean_exp((1.0 - alpha) * log_w) / (1.0 - alpha)
+
+
+def renyi_meaning(alpha: float) -> str:
+    if alpha < 0:
+        return "not a lower bound (alpha < 0: at least the IWAE estimate on the same draws)"
+    if alpha == 0:
+        return "lower bound: equals the IWAE estimate with all K draws"
+    if alpha < 1:
+        return "stochastic lower bound on log p(x), between the ELBO and the IWAE estimate"
+    return "stochastic lower bound on log p(x), below the ELBO (alpha > 1)"
+
+
+def bounds_from_log_weights(parts: LogWeights, iwae_ks: Sequence[int] = DEFAULT_IWAE_KS,
+                            renyi_alphas: Sequence[float] = DEFAULT_RENYI_ALPHAS) -> dict[str, torch.Tensor]:
+    """Per-point bounds from ``(K, B)`` log-weights: ``log_px``, ``elbo``,
+    ``reconstruction``, ``kl``, ``gap``, ``iwae_<k>`` for ``k <= K``, ``renyi_<alpha>``."""
+    log_w = parts.log_weight
+    out = {
+        "log_px": log_mean_exp(log_w),
+        "elbo": log_w.mean(0),
+        "reconstruction": parts.reconstruction.mean(0),
+        "kl": -parts.latent.mean(0),
+    }
+    out["gap"] = out["log_px"] - out["elbo"]
+    for k in iwae_ks:
+        if k <= log_w.shape[0]:
+            out[f"iwae_{k}"] = iwae_bound_grouped(log_w, k)
+    for alpha in renyi_alphas:
+        out[f"renyi_{float(alpha):g}"] = renyi_bound(log_w, float(alpha))
+    return out
+
+
+# -- the whole test set ---------------------------------------------------------------------------
+
+@dataclass
+class EvaluationOptions:
+    """What :func:`evaluate_test_set` computes and how it bounds memory."""
+
+    num_particles: int = DEFAULT_PARTICLES
+    iwae_ks: tuple[int, ...] = DEFAULT_IWAE_KS
+    renyi_alphas: tuple[float, ...] = DEFAULT_RENYI_ALPHAS
+    max_memory_mb: float = DEFAULT_MAX_MEMORY_MB
+    khat: bool = True
+    progress: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.num_particles, int) or self.num_particles < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {self.num_particles!r}")
+        bad = [k for k in self.iwae_ks if not isinstance(k, int) or k < 1]
+        if bad:
+            raise ValueError(f"IWAE particle counts must be positive integers, got {bad}")
+        if any(a == 1 for a in self.renyi_alphas):
+            raise ValueError("Renyi alpha=1 is the ELBO (already reported); choose alphas other than 1")
+        if not self.max_memory_mb > 0:
+            raise ValueError(f"max_memory_mb must be positive, got {self.max_memory_mb!r}")
+
+
+@dataclass
+class EvaluationResult:
+    """Per-point results over a test set and their summary (:meth:`summary`)."""
+
+    options: EvaluationOptions
+    per_point: dict[str, torch.Tensor]
+    analytic_kl_note: str | None
+    latent: diagnostics.LatentDiagnostics
+    guide_means: torch.Tensor
+    khat: np.ndarray | None
+    khat_note: str | None
+    plan: ChunkPlan
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_points(self) -> int:
+        return int(self.per_point["log_px"].numel())
+
+    def estimate(self, name: str) -> Estimate:
+        return summarize(self.per_point[name])
+
+    def summary(self) -> dict[str, Any]:
+        """Every figure as JSON-ready values (means with standard errors, in nats)."""
+        K = self.options.num_particles
+        est = {name: self.estimate(name).as_dict() for name in self.per_point}
+        na = self.analytic_kl_note
+        iwae = {str(k): est[f"iwae_{k}"] for k in self.options.iwae_ks if f"iwae_{k}" in est}
+        renyi = {f"{float(a):g}": {**est[f"renyi_{float(a):g}"], "meaning": renyi_meaning(float(a))}
+                 for a in self.options.renyi_alphas}
+        return {
+            "num_points": self.num_points,
+            "num_particles": K,
+            "log_likelihood": {**est["log_px"], "estimator": f"importance sampling (IWAE) with K={K}"},
+            "elbo": {**est["elbo"], "estimator": f"Monte Carlo, mean over the same K={K} draws"},
+            "reconstruction": est["reconstruction"],
+            "kl": {**est["kl"], "estimator": "Monte Carlo"},
+            "elbo_analytic_kl": na or est["elbo_analytic"],
+            "kl_analytic": na or est["kl_analytic"],
+            "gap": {**est["gap"], "meaning": "log p(x) - ELBO = KL(q(z|x) || p(z|x)), Eq. (3)"},
+            "iwae": iwae,
+            "renyi": renyi,
+            "shared_draws": (f"all bounds use the same K={K} draws per point; IWAE-k averages the "
+                             f"floor(K/k) disjoint groups of k draws"),
+            "latent": self.latent.as_dict(),
+            "psis": diagnostics.khat_summary(self.khat) if self.khat is not None else self.khat_note,
+            "chunking": self.plan.as_dict(),
+            "seconds": self.seconds,
+            **self.extra,
+        }
 
 
 @torch.no_grad()
+def evaluate_test_set(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
+                      options: EvaluationOptions | None = None) -> EvaluationResult:
+    """Bounds, latent diagnostics and k-hat over ``x`` with one pass of ``K`` draws per point.
+
+    Memory stays bounded by ``options.max_memory_mb`` (see
+    :func:`pyro_vae.importance.plan_chunks`); per-point results are kept
+    (``N`` floats per figure) for standard errors, and k-hat is computed group
+    by group, so the full ``(K, N)`` weight matrix never exists.
+    """
+    options = options or EvaluationOptions()
+    options.validate()
+    K = options.num_particles
+    want_khat = options.khat and K >= diagnostics.MIN_KHAT_PARTICLES
+    khat_note = None if want_khat else (
+        "n/a (disabled)" if not options.khat else
+        f"n/a (PSIS k-hat needs at least {diagnostics.MIN_KHAT_PARTICLES} particles; K={K})")
+    plan = plan_chunks(vae, x.shape[0], K, x.shape[-1], options.max_memory_mb, x.dtype, module_device(vae))
+    collected: dict[str, list[torch.Tensor]] = {}
+    khats: list[np.ndarray] = []
+    latent = diagnostics.LatentAccumulator()
+    analytic_note = None
+    start = time.perf_counter()
+    for _, xg, yg, parts in iter_point_groups(vae, x, y, K, plan, progress=options.progress,
+                                              desc=f"evaluating (K={K})"):
+        sites = diagnostics.latent_sites(vae, xg, yg)
+        stats = bounds_from_log_weights(parts, options.iwae_ks, options.renyi_alphas)
+        kl, note = diagnostics.analytic_kl(sites)
+        analytic_note = analytic_note or note
+        if kl is not None:
+            stats["kl_analytic"] = kl
+            stats["elbo_analytic"] = stats["reconstruction"] - kl
+        for name, value in stats.items():
+            collected.setdefault(name, []).append(value.detach().cpu())
+        latent.add(sites)
+        if want_khat:
+            khats.append(arviz_compat.psis_khat(parts.log_weight.T))
+    per_point = {name: torch.cat(v) for name, v in collected.items()
+                 if not (analytic_note and name in ("kl_analytic", "elbo_analytic"))}
+    return EvaluationResult(
+        options=options, per_point=per_point, analytic_kl_note=analytic_note, latent=latent.result(),
+        guide_means=latent.guide_means(), khat=np.concatenate(khats) if khats else None, khat_note=khat_note,
+        plan=plan, seconds=time.perf_counter() - start,
+    )
+
+
 def per_point_bounds(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1,
-                     batch_size: int = 500) -> dict[str, torch.Tensor]:
-    """Per-point ELBO (Eq. 2, averaged over ``num_particles`` draws), its
-    reconstruction and KL parts, and the IWAE bound with ``K = num_particles``."""
-    out: dict[str, list[torch.Tensor]] = {"elbo": [], "reconstruction": [], "kl": [], "iwae": []}
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size]
-        yb = None if y is None else y[start:start + batch_size]
-        lw, recon, latent = log_weights(vae, xb, yb, num_particles)
-        out["elbo"].append(lw.mean(0))
-        out["reconstruction"].append(recon.mean(0))
-        out["kl"].append(-latent.mean(0))
-        out["iwae"].append(iwae_bound(lw))
-    return {k: torch.cat(v) for k, v in out.items()}
+                     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB) -> dict[str, torch.Tensor]:
+    """Per-point ELBO (Eq. 2, averaged over ``num_particles`` draws), its reconstruction
+    and KL parts, and the IWAE bound with ``K = num_particles`` (key ``iwae``)."""
+    options = EvaluationOptions(num_particles=num_particles, iwae_ks=(), renyi_alphas=(),
+                                max_memory_mb=max_memory_mb, khat=False)
+    result = evaluate_test_set(vae, x, y, options).per_point
+    return {"elbo": result["elbo"], "reconstruction": result["reconstruction"], "kl": result["kl"],
+            "iwae": result["log_px"]}
 
-
-def test_set_bounds(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1,
-              batch_size: int = 500) -> dict[str, dict[str, float]]:
-    """Mean and standard error of each per-point bound over ``x``."""
-    return {k: summarize(v).as_dict() for k, v in per_point_bounds(vae, x, y, num_particles, batch_size).items()}
