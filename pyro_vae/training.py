@@ -29,6 +29,7 @@ import pyro
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Dataset, load_dataset
+from .fast_step import make_loss_fn, make_optimizer
 from .objectives import analytic_kl_sites, make_elbo, warn_about_monte_carlo_kl
 from .parts import build_vae
 from .schedules import kl_scale_at
@@ -153,8 +154,8 @@ class Trainer:
         self.elbo = make_elbo(config.objective, config.particles, config.alpha)
         self.valid_elbo = make_elbo("trace")
         # The seam where a faster, equivalent loss or optimizer plugs in (see docs/performance.md).
-        self.loss_fn = self.elbo.differentiable_loss
-        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
+        self.loss_fn = make_loss_fn(self.elbo, self.vae, self.x_train, self.y_train)
+        self.optimizer = make_optimizer(self.vae.parameters(), lr=config.lr)
         self.data_gen = torch.Generator(device=self.device)
         self.data_gen.manual_seed(config.seed)
         self.analytic_kl: dict[str, bool] = {}
