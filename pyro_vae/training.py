@@ -331,7 +331,8 @@ class Trainer:
                 f"{self.dataset.num_features}"
             )
         shaping = ("prior", "guide", "decoder", "latent_dim", "hidden", "activation", "conditional", "objective",
-                   "particles", "alpha", "data", "seed", "batch_size")
+                   "particles", "alpha", "data", "seed", "batch_size", "mixture_components", "pseudo_inputs",
+                   "flow_steps", "flow_hidden", "guide_rank", "num_categories", "straight_through")
         saved = state["config"]
         changed = [k for k in shaping if saved.get(k) != getattr(self.config, k)]
         if changed:
