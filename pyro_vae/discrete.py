@@ -107,6 +107,18 @@ class _Relaxed:
     straight_through: bool
     training: bool
 
+    def _init_latents(self, num_latents: int, num_categories: int, schedule: TemperatureSchedule,
+                      straight_through: bool) -> None:
+        if num_latents < 1 or num_categories < 2:
+            raise ValueError(f"need num_latents >= 1 and num_categories >= 2, got {num_latents!r} "
+                             f"and {num_categories!r}")
+        self.num_latents = num_latents
+        self.num_categories = num_categories
+        self.latent_dim = num_latents * num_categories
+        self.schedule = schedule
+        self.temperature = schedule.at(0, 1)
+        self.straight_through = straight_through
+
     def set_progress(self, step: int, steps_per_epoch: int) -> None:
         self.temperature = self.schedule.at(step, steps_per_epoch)
 
@@ -124,15 +136,7 @@ class RelaxedCategoricalPrior(_Relaxed, Prior):
     def __init__(self, num_latents: int, num_categories: int,
                  schedule: TemperatureSchedule = TemperatureSchedule(), straight_through: bool = False) -> None:
         super().__init__()
-        if num_latents < 1 or num_categories < 2:
-            raise ValueError(f"need num_latents >= 1 and num_categories >= 2, got {num_latents!r} "
-                             f"and {num_categories!r}")
-        self.num_latents = num_latents
-        self.num_categories = num_categories
-        self.latent_dim = num_latents * num_categories
-        self.schedule = schedule
-        self.temperature = schedule.at(0, 1)
-        self.straight_through = straight_through
+        self._init_latents(num_latents, num_categories, schedule, straight_through)
         self.register_buffer("logits", torch.zeros(num_latents, num_categories))
 
     def forward(self, batch_size: int, y: torch.Tensor | None = None) -> dist.Distribution:
@@ -148,15 +152,7 @@ class RelaxedCategoricalEncoder(_Relaxed, Encoder):
                  activation: str = "relu", condition_dim: int = 0,
                  schedule: TemperatureSchedule = TemperatureSchedule(), straight_through: bool = False) -> None:
         super().__init__()
-        if num_latents < 1 or num_categories < 2:
-            raise ValueError(f"need num_latents >= 1 and num_categories >= 2, got {num_latents!r} "
-                             f"and {num_categories!r}")
-        self.num_latents = num_latents
-        self.num_categories = num_categories
-        self.latent_dim = num_latents * num_categories
-        self.schedule = schedule
-        self.temperature = schedule.at(0, 1)
-        self.straight_through = straight_through
+        self._init_latents(num_latents, num_categories, schedule, straight_through)
         self.net = mlp(input_dim + condition_dim, hidden, self.latent_dim, activation)
 
     def logits(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

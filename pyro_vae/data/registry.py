@@ -180,17 +180,17 @@ def _mnist_splits(arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor
 def _load_mnist(data_dir: pathlib.Path, download: bool, valid_fraction: float, seed: int) -> Dataset:
     """MNIST grayscale in [0, 1] (for continuous decoders), 50k/10k/10k, labels kept."""
     x, y = _mnist_splits(_read_mnist(data_dir, download, "mnist"))
+    return _mnist_dataset("mnist", x, y, dynamic_binarization=False)
+
+
+def _mnist_dataset(name: str, x: dict, y: dict, dynamic_binarization: bool) -> Dataset:
     return Dataset(
-        name="mnist",
-        train=x["train"],
-        valid=x["valid"],
-        test=x["test"],
-        train_labels=y["train"],
-        valid_labels=y["valid"],
-        test_labels=y["test"],
+        name=name,
+        train=x["train"], valid=x["valid"], test=x["test"],
+        train_labels=y["train"], valid_labels=y["valid"], test_labels=y["test"],
         image_shape=(28, 28),
         binary=False,
-        dynamic_binarization=False,
+        dynamic_binarization=dynamic_binarization,
         num_classes=10,
     )
 
@@ -207,19 +207,7 @@ def _load_mnist_binarized(data_dir: pathlib.Path, download: bool, valid_fraction
     for split in ("valid", "test"):
         probs = x[split].numpy()
         x[split] = torch.from_numpy((rng.random(probs.shape, dtype=np.float32) < probs).astype(np.float32))
-    return Dataset(
-        name="mnist-binarized",
-        train=x["train"],
-        valid=x["valid"],
-        test=x["test"],
-        train_labels=y["train"],
-        valid_labels=y["valid"],
-        test_labels=y["test"],
-        image_shape=(28, 28),
-        binary=False,
-        dynamic_binarization=True,
-        num_classes=10,
-    )
+    return _mnist_dataset("mnist-binarized", x, y, dynamic_binarization=True)
 
 
 _BUILTIN: dict[str, Callable[[pathlib.Path, bool, float, int], Dataset]] = {
