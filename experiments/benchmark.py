@@ -28,7 +28,9 @@ change proposed for ``importance.py``).
 Peak memory of one evaluation is measured per side: on CPU as the growth of the
 peak resident set size of a fresh subprocess over its resident size just before
 the call (``VmHWM`` reset via ``/proc/self/clear_refs``; ``tracemalloc`` does not
-see torch's allocations); on CUDA as ``torch.cuda.max_memory_allocated``.
+see torch's allocations), with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc
+returns every freed tensor block at once and heap fragmentation does not set the
+peak; on CUDA as ``torch.cuda.max_memory_allocated``.
 
     PYTHONPATH=. python experiments/benchmark.py --json /tmp/benchmark.json
 """
@@ -85,6 +87,7 @@ HIDDEN, LATENT = 400, 50  # the 784-400-50 MLP of the issue
 PYRO_VAE = "pyro-vae"
 HANDWRITTEN = "hand-written"
 IS_DIRECT = "pyro-vae with fast_step.direct_log_weights (proposed)"
+MMAP_THRESHOLD_VAR = "MALLOC_MMAP_THRESHOLD_"
 
 
 @dataclass(frozen=True)
@@ -296,13 +299,14 @@ def evaluate_pyro_vae_direct(vae, x, k: int, max_memory_mb: float) -> torch.Tens
 
 
 def cycling(evaluate: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int) -> Callable[[], torch.Tensor]:
-    """A step that evaluates the next ``size`` points of ``x``, wrapping around."""
+    """A step that evaluates the next ``size`` points of ``x`` (always ``size``: it wraps around)."""
     position = {"start": 0}
 
     def step() -> torch.Tensor:
         start = position["start"]
         position["start"] = (start + size) % x.shape[0]
-        return evaluate(x[start:start + size])
+        index = torch.arange(start, start + size, device=x.device) % x.shape[0]
+        return evaluate(x[index])
     return step
 
 
@@ -340,7 +344,8 @@ def _peak_memory_child(side: str, state: dict, x: torch.Tensor, k: int, max_memo
 def peak_memory_mb(side: str, vae, x: torch.Tensor, k: int, max_memory_mb: float, plan,
                    threads: int | None) -> float:
     """Peak memory of one evaluation (MiB): the CUDA allocator's peak, or on CPU the growth of a
-    fresh process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``)."""
+    fresh process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``)
+    with glibc's mmap threshold pinned at 64 KiB, so that it follows live tensor memory."""
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
@@ -354,7 +359,17 @@ def peak_memory_mb(side: str, vae, x: torch.Tensor, k: int, max_memory_mb: float
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_memory_child, args=(side, vae.state_dict(), x, k, max_memory_mb, threads, queue))
-    proc.start()
+    # glibc would otherwise keep freed blocks of a few MB on its heap and let fragmentation,
+    # not live tensors, set the peak; pinned, every block over 64 KiB is its own mapping.
+    saved = os.environ.get(MMAP_THRESHOLD_VAR)
+    os.environ[MMAP_THRESHOLD_VAR] = "65536"
+    try:
+        proc.start()
+    finally:
+        if saved is None:
+            del os.environ[MMAP_THRESHOLD_VAR]
+        else:
+            os.environ[MMAP_THRESHOLD_VAR] = saved
     result = queue.get()
     proc.join()
     return result

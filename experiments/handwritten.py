@@ -112,7 +112,9 @@ def importance_log_likelihood(encoder_net: nn.Module, decoder_net: nn.Module, x:
     if num_particles < 1 or chunk_size < 1 or batch_size < 1:
         raise ValueError(f"num_particles, chunk_size and batch_size must be positive, got "
                          f"{num_particles}, {chunk_size}, {batch_size}")
-    out = []
+    # Results go into one preallocated tensor: a small tensor kept per batch would sit between
+    # the big per-chunk blocks on the heap and stop it from shrinking (RSS grew ~3 MB per point).
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size]
         loc, log_var = _encode(encoder_net, xb)
@@ -126,5 +128,5 @@ def importance_log_likelihood(encoder_net: nn.Module, decoder_net: nn.Module, x:
             log_px_z = -F.binary_cross_entropy_with_logits(logits, xb.expand_as(logits), reduction="none").sum(-1)
             log_w = log_px_z + 0.5 * (eps.pow(2) - z.pow(2) + log_var).sum(-1)
             running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
-        out.append(running - math.log(num_particles))
-    return torch.cat(out)
+        out[start:start + batch_size] = running - math.log(num_particles)
+    return out

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from . import arviz_compat, diagnostics
-from .importance import (DEFAULT_MAX_MEMORY_MB, ChunkPlan, LogWeights, iter_point_groups, module_device,
-                         plan_chunks)
+from .importance import DEFAULT_MAX_MEMORY_MB, ChunkPlan, LogWeights, iter_point_groups, plan_chunks
 from .vae import VAE
 
 DEFAULT_PARTICLES = 5000
@@ -157,7 +156,6 @@ class EvaluationResult:
     khat_note: str | None
     plan: ChunkPlan
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_points(self) -> int:
@@ -192,7 +190,6 @@ class EvaluationResult:
             "psis": diagnostics.khat_summary(self.khat) if self.khat is not None else self.khat_note,
             "chunking": self.plan.as_dict(),
             "seconds": self.seconds,
-            **self.extra,
         }
 
 
@@ -213,7 +210,7 @@ def evaluate_test_set(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
     khat_note = None if want_khat else (
         "n/a (disabled)" if not options.khat else
         f"n/a (PSIS k-hat needs at least {diagnostics.MIN_KHAT_PARTICLES} particles; K={K})")
-    plan = plan_chunks(vae, x.shape[0], K, x.shape[-1], options.max_memory_mb, x.dtype, module_device(vae))
+    plan = plan_chunks(vae, x.shape[0], K, x.shape[-1], options.max_memory_mb, x.dtype)
     collected: dict[str, list[torch.Tensor]] = {}
     khats: list[np.ndarray] = []
     latent = diagnostics.LatentAccumulator()

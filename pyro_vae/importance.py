@@ -37,12 +37,11 @@ from .vae import VAE
 
 PARTICLE_PLATE = "_particles"
 DEFAULT_MAX_MEMORY_MB = 512.0
-# On CPU a trace is kept below this size whatever the budget: larger per-pixel tensors are
-# mmap-ed and unmapped by the allocator on every trace, and the page faults cost more system
-# time than the Python overhead saved (measured on binarized MNIST, K=5000; docs/evaluation.md).
-CPU_TRACE_CAP_MB = 64.0
-# Share of the memory budget given to the per-group (K, G) log-weight buffers.
-GROUP_BUFFER_SHARE = 0.125
+# Share of the memory budget given to one group's (K, G) arrays; the rest bounds one trace.
+GROUP_SHARE = 0.25
+# Bytes per (point, particle) of a group: three log-weight buffers in the model's dtype, plus
+# float64 copies made for PSIS k-hat and temporaries of the per-point reductions.
+GROUP_BYTES_PER_PAIR_FLOAT64 = 3
 MAX_GROUP_POINTS = 1000
 
 
@@ -171,14 +170,14 @@ def estimate_bytes_per_pair(vae: VAE, input_dim: int, dtype: torch.dtype = torch
 
 
 def plan_chunks(vae: VAE, num_points: int, num_particles: int, input_dim: int,
-                max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, dtype: torch.dtype = torch.float32,
-                device: torch.device | str | None = None) -> ChunkPlan:
-    """Size traces and groups so that one trace stays within ``max_memory_mb``.
+                max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, dtype: torch.dtype = torch.float32) -> ChunkPlan:
+    """Size traces and groups so that one trace and one group fit in ``max_memory_mb``.
 
-    All ``K`` particles of a point go into one trace when they fit (then several
-    points share the trace); otherwise a point's particles are split into
-    near-equal chunks.  On a CPU ``device`` one trace is also capped at
-    :data:`CPU_TRACE_CAP_MB`.
+    Three quarters of the budget bound one trace: all ``K`` particles of a point
+    go into one trace when they fit (then several points share the trace),
+    otherwise a point's particles are split into near-equal chunks.  The last
+    quarter bounds the ``(K, G)`` arrays of a group of ``G`` points (at most
+    :data:`MAX_GROUP_POINTS`, at least one trace's points).
     """
     if num_points < 1:
         raise ValueError(f"need at least one data point to evaluate, got {num_points}")
@@ -187,10 +186,7 @@ def plan_chunks(vae: VAE, num_points: int, num_particles: int, input_dim: int,
         raise ValueError(f"max_memory_mb must be positive, got {max_memory_mb!r}")
     per_pair = estimate_bytes_per_pair(vae, input_dim, dtype)
     budget = max_memory_mb * 2**20
-    trace_budget = budget
-    if device is not None and torch.device(device).type == "cpu":
-        trace_budget = min(budget, CPU_TRACE_CAP_MB * 2**20)
-    pairs = max(1, int(trace_budget // per_pair))
+    pairs = max(1, int(budget * (1 - GROUP_SHARE) // per_pair))
     if pairs >= num_particles:
         particles = num_particles
         points = min(num_points, pairs // num_particles)
@@ -199,7 +195,8 @@ def plan_chunks(vae: VAE, num_points: int, num_particles: int, input_dim: int,
         particles = math.ceil(num_particles / splits)
         points = 1
     itemsize = torch.empty((), dtype=dtype).element_size()
-    buffer_points = int(budget * GROUP_BUFFER_SHARE // (3 * itemsize * num_particles))
+    group_per_pair = 3 * itemsize + 8 * GROUP_BYTES_PER_PAIR_FLOAT64
+    buffer_points = int(budget * GROUP_SHARE // (group_per_pair * num_particles))
     group = min(num_points, max(points, min(MAX_GROUP_POINTS, buffer_points)))
     group = max(points, group - group % points)  # whole traces per group
     return ChunkPlan(num_points, num_particles, points, particles, group, per_pair, float(max_memory_mb))
@@ -217,7 +214,7 @@ def iter_point_groups(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, num_par
     """
     device = module_device(vae)
     if plan is None:
-        plan = plan_chunks(vae, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype, device)
+        plan = plan_chunks(vae, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype)
     n = x.shape[0]
     bar = tqdm(total=n, desc=desc, unit="pt", disable=not progress, leave=False, dynamic_ncols=True)
     try:
@@ -294,7 +291,7 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, y: torch.Tensor | None 
     that tightens as ``K`` grows (Burda et al. 2015, Theorem 1).
     """
     device = module_device(vae)
-    plan = plan_chunks(vae, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype, device)
+    plan = plan_chunks(vae, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype)
     out = torch.empty(x.shape[0], dtype=x.dtype, device=device)
     bar = tqdm(total=x.shape[0], desc="log p(x)", unit="pt", disable=not progress, leave=False,
                dynamic_ncols=True)

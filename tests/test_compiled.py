@@ -7,6 +7,10 @@ and iwae, and ``pyro.infer.RenyiELBO(...).loss`` for renyi.
 To cover a new prior, guide or decoder, add one line to ``PART_CASES``.
 """
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -284,6 +288,33 @@ def test_make_optimizer_is_adam_with_the_same_updates():
             opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["trace", "meanfield", "iwae"])
+def test_the_benchmarks_handwritten_loop_is_the_same_estimator(objective):
+    """experiments/handwritten.py, the speed reference, computes Pyro's loss from the same draws."""
+    handwritten = _handwritten()
+    vae, x, _ = make_case("bernoulli")
+    k = 5 if objective == "iwae" else 1
+    pyro.set_rng_seed(4)
+    expected = make_elbo(objective, k).differentiable_loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(4)
+    got = handwritten.negative_elbo_sum(vae.encoder.net, vae.decoder.net, x, objective, k)
+    assert value(got) == pytest.approx(value(expected), rel=1e-5)
+    pyro.set_rng_seed(5)
+    expected = importance.importance_log_likelihood(vae, x, None, 40)
+    pyro.set_rng_seed(5)
+    got = handwritten.importance_log_likelihood(vae.encoder.net, vae.decoder.net, x, 40, chunk_size=40,
+                                                batch_size=BATCH)
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
+def _handwritten():
+    """experiments/handwritten.py (experiments/ is not a package)."""
+    experiments = str(Path(__file__).resolve().parents[1] / "experiments")
+    if experiments not in sys.path:
+        sys.path.insert(0, experiments)
+    return importlib.import_module("handwritten")
 
 
 @pytest.fixture(scope="module")
