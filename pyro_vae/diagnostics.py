@@ -96,6 +96,9 @@ def _independent_base(d: dist.Distribution) -> dist.Distribution | None:
 def kl_per_dimension(site: LatentSite) -> tuple[torch.Tensor | None, str | None]:
     """``(B, r)`` closed-form KL per latent dimension (Eq. 6 term by term for Gaussians),
     or ``(None, reason)`` when guide or prior does not factorize over dimensions."""
+    if len(site.guide.event_shape) != 1:  # e.g. (n, k) one-hot codes of categorical latents
+        return None, (f"n/a (site {site.name} has event shape {tuple(site.guide.event_shape)}, "
+                      "not one dimension per unit)")
     q, p = _independent_base(site.guide), _independent_base(site.prior)
     if q is None or p is None:
         return None, f"n/a (site {site.name}: guide and prior must both factorize over dimensions)"
@@ -112,11 +115,11 @@ def guide_mean(guide: dist.Distribution, num_samples: int = MC_MEAN_SAMPLES) -> 
     try:
         mean = guide.mean
         if torch.isfinite(mean).all():
-            return mean.reshape(-1, mean.shape[-1]), "guide mean"
+            return mean.reshape(-1, guide.event_shape.numel()), "guide mean"
     except NotImplementedError:
         pass
     draws = guide.sample((num_samples,))
-    return draws.mean(0).reshape(-1, draws.shape[-1]), f"Monte Carlo mean of {num_samples} guide draws"
+    return draws.mean(0).reshape(-1, guide.event_shape.numel()), f"Monte Carlo mean of {num_samples} guide draws"
 
 
 # -- accumulating over a test set ----------------------------------------------------------------

@@ -169,3 +169,23 @@ def test_posterior_export_names_out_of_range_indices(tmp_path):
     problem = LinearGaussianProblem(n=4)
     with pytest.raises(ValueError, match=r"test indices \[4, 9\] are out of range; the test set has 4 points"):
         export_posterior(problem.vae("exact"), problem.x, None, [1, 4, 9], tmp_path / "p.nc")
+
+
+def test_categorical_latents_count_every_category_as_a_unit_and_skip_per_dim_kl():
+    """A (num_latents, num_categories) event is n*k units for active-unit counting, and has no
+    per-dimension KL; the batch must not be mixed into the latent axis."""
+    import pyro
+
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.diagnostics import guide_mean, kl_per_dimension, latent_sites
+    from pyro_vae.parts import build_vae
+
+    pyro.set_rng_seed(0)
+    vae = build_vae(TrainConfig(prior="categorical", guide="categorical", latent_dim=4, num_categories=5,
+                                hidden=[8]), 6).eval()
+    x = torch.rand(7, 6).round()
+    site = latent_sites(vae, x)[0]
+    mean, _ = guide_mean(site.guide)
+    assert mean.shape == (7, 20)
+    kl, reason = kl_per_dimension(site)
+    assert kl is None and "event shape (4, 5)" in reason
