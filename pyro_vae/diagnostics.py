@@ -136,6 +136,7 @@ class LatentDiagnostics:
     threshold: float
     mean_method: str
     num_points: int
+    event_shape: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +147,7 @@ class LatentDiagnostics:
             "active_unit_threshold": self.threshold,
             "guide_mean": self.mean_method,
             "num_points": self.num_points,
+            "event_shape": list(self.event_shape),
         }
 
     def ranked_dimensions(self) -> list[int]:
@@ -164,6 +166,7 @@ class LatentAccumulator:
         self.kl_sum: torch.Tensor | None = None
         self.kl_note: str | None = None
         self.mean_method = ""
+        self.event_shape: tuple[int, ...] = ()
         self.count = 0
 
     def add(self, sites: list[LatentSite]) -> None:
@@ -171,6 +174,7 @@ class LatentAccumulator:
         if site is None:
             raise ValueError(f"the guide has no latent site {self.site_name!r}; "
                              f"its latent sites are {', '.join(s.name for s in sites)}")
+        self.event_shape = tuple(site.guide.event_shape)
         mean, self.mean_method = guide_mean(site.guide)
         self.means.append(mean.detach().double().cpu())
         self.count += mean.shape[0]
@@ -188,6 +192,7 @@ class LatentAccumulator:
             latent_dim=means.shape[1], kl_per_dim=kl, kl_per_dim_note=self.kl_note,
             activity=activity.tolist(), active_units=int((activity > self.threshold).sum()),
             threshold=self.threshold, mean_method=self.mean_method, num_points=self.count,
+            event_shape=self.event_shape,
         )
 
     def guide_means(self) -> torch.Tensor:
@@ -245,12 +250,23 @@ def posterior_draws(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
     return z, weights.log_weight
 
 
+def _event_dim_names(ndim: int) -> list[str]:
+    """Names of the latent event dimensions: ``latent``; ``latent, category`` for the
+    ``(n, k)`` one-hot codes of categorical latents; ``event_0, ...`` beyond."""
+    if ndim == 1:
+        return ["latent"]
+    if ndim == 2:
+        return ["latent", "category"]
+    return [f"event_{i}" for i in range(ndim)]
+
+
 def export_posterior(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, indices: list[int],
                      path: str | Path, num_samples: int = 1000) -> Path:
     """Write guide draws for the test inputs ``x[indices]`` as ArviZ netCDF at ``path``.
 
     Group ``posterior``: ``z`` with dims ``(chain, draw, point, latent)`` (one
-    chain of ``num_samples`` independent draws from ``q(z | x)``); group
+    chain of ``num_samples`` independent draws from ``q(z | x)``; categorical
+    latents add a ``category`` dimension); group
     ``sample_stats``: ``log_importance_weight`` ``(chain, draw, point)``, which
     turns the draws into self-normalized importance samples of ``p(z | x)``;
     group ``constant_data``: the inputs ``x``.  Coordinate ``point`` holds the
@@ -264,14 +280,14 @@ def export_posterior(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, indices:
         raise ValueError(f"test indices {bad} are out of range; the test set has {n} points (0..{n - 1})")
     idx = torch.as_tensor(indices, dtype=torch.long)
     z, log_w = posterior_draws(vae, x[idx], None if y is None else y[idx], num_samples)
-    latent_dim = z.shape[-1]
+    event_dims = _event_dim_names(z.dim() - 2)
     data = arviz_compat.to_inference_data(
         posterior={"z": z.detach().cpu().double().numpy()[None]},
         sample_stats={"log_importance_weight": log_w.detach().cpu().double().numpy()[None]},
         constant_data={"x": x[idx].detach().cpu().double().numpy()},
-        coords={"point": list(indices), "latent": list(range(latent_dim)),
-                "feature": list(range(x.shape[-1]))},
-        dims={"z": ["point", "latent"], "log_importance_weight": ["point"], "x": ["point", "feature"]},
+        coords={"point": list(indices), "feature": list(range(x.shape[-1])),
+                **{name: list(range(size)) for name, size in zip(event_dims, z.shape[2:])}},
+        dims={"z": ["point", *event_dims], "log_importance_weight": ["point"], "x": ["point", "feature"]},
         attrs={"source": "pyro-vae guide q(z | x)",
                "note": "independent draws from the guide; weight draw s of point i by "
                        "softmax over s of log_importance_weight to target p(z | x)"},

@@ -156,13 +156,14 @@ def write_pictures(run, data, evaluation, x: torch.Tensor, labels: torch.Tensor 
     written = write_run_pictures(run.run_dir, data_dir=args.data_dir, device=args.device, seed=args.seed)
     pictures = {p.stem: p for p in written}
     pictures["latent_map"] = plots.plot_latent_map(evaluation.guide_means, labels, out / plots.LATENT_MAP)
-    ranked = evaluation.latent.ranked_dimensions()[:TRAVERSAL_DIMS]
-    score = evaluation.latent.kl_per_dim or evaluation.latent.activity
-    y0 = labels[0] if run.config.conditional else None
-    mean0 = evaluation.guide_means[0].to(device=x.device, dtype=x.dtype)
-    pictures["latent_traversals"] = plots.plot_latent_traversals(
-        run.vae, mean0, ranked, out / plots.TRAVERSALS, run.image_shape or data.image_shape, y=y0,
-        scores=[score[j] for j in ranked])
+    if len(evaluation.latent.event_shape) == 1:  # not for (n, k) one-hot codes of categorical latents
+        ranked = evaluation.latent.ranked_dimensions()[:TRAVERSAL_DIMS]
+        score = evaluation.latent.kl_per_dim or evaluation.latent.activity
+        y0 = labels[0] if run.config.conditional else None
+        mean0 = evaluation.guide_means[0].to(device=x.device, dtype=x.dtype)
+        pictures["latent_traversals"] = plots.plot_latent_traversals(
+            run.vae, mean0, ranked, out / plots.TRAVERSALS, run.image_shape or data.image_shape, y=y0,
+            scores=[score[j] for j in ranked])
     curves = plots.plot_training_curves(out / "metrics.jsonl", out / plots.CURVES)
     if curves is not None:
         pictures["training_curves"] = curves

@@ -138,3 +138,20 @@ def test_jsonable_and_table_helpers():
     assert table.splitlines() == ["a          K", "------  ----", "x          5", "longer  5000"]
     assert fmt_estimate({"mean": -1.23456, "stderr": 0.01}) == "-1.235 ± 0.010"
     assert fmt_estimate("n/a (no analytic KL for site z)") == "n/a (no analytic KL for site z)"
+
+
+def test_categorical_latents_are_evaluated_without_traversals(tmp_path):
+    """One-hot codes have no coordinate to move: no traversal picture, and the exported
+    draws keep their (latent, category) shape."""
+    run_dir = tmp_path / "categorical"
+    pyro.clear_param_store()
+    train(TrainConfig(prior="categorical", guide="categorical", latent_dim=2, num_categories=3, hidden=[16],
+                      epochs=1, batch_size=512, run_dir=str(run_dir), progress=False))
+    assert main(["evaluate", str(run_dir), "--particles", "120", "--num-points", "12", "--no-progress",
+                 "--export-posterior", "1", "--posterior-samples", "10"]) == 0
+    report = _strict_json(run_dir / "evaluation.json")
+    assert "latent_traversals" not in report["pictures"] and "latent_map" in report["pictures"]
+    assert report["results"]["latent"]["event_shape"] == [2, 3]
+    assert report["results"]["latent"]["latent_dim"] == 6
+    z = arviz_compat.load_netcdf(report["posterior_export"]["path"]).posterior["z"]
+    assert z.dims == ("chain", "draw", "point", "latent", "category") and z.shape == (1, 10, 1, 2, 3)
