@@ -20,10 +20,10 @@ over rounds and its spread (min-max and interquartile range).
 
 Cases: ``{trace,meanfield,iwae<K>}-<batch>`` training steps and
 ``is<K>``: the importance-sampled test log-likelihood with K particles over
-``--is-points`` test points (``pyro_vae.importance.importance_log_likelihood``
+``--is-points`` test points (``pyro_vae.evaluation.importance.importance_log_likelihood``
 vs :func:`handwritten.importance_log_likelihood` with the same chunk sizes; a
 step evaluates two chunks' worth of points, a block all of them once; with
-``--baselines`` also through :func:`pyro_vae.fast_step.direct_log_weights`, the
+``--baselines`` also through :func:`pyro_vae.infer.fast.direct_log_weights`, the
 change proposed for ``importance.py``).
 Peak memory of one evaluation is measured per side: on CPU as the growth of the
 peak resident set size of a fresh subprocess over its resident size just before
@@ -66,14 +66,14 @@ import pyro  # noqa: E402
 from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO  # noqa: E402
 
 import handwritten  # noqa: E402
-from pyro_vae import importance  # noqa: E402
-from pyro_vae.config import TrainConfig  # noqa: E402
+from pyro_vae.evaluation import importance# noqa: E402
+from pyro_vae.train.config import TrainConfig  # noqa: E402
 from pyro_vae.data import Dataset, load_dataset  # noqa: E402
-from pyro_vae.fast_step import direct_log_weights  # noqa: E402
-from pyro_vae.objectives import make_elbo  # noqa: E402
-from pyro_vae.parts import build_vae  # noqa: E402
-from pyro_vae.schedules import kl_scale_at  # noqa: E402
-from pyro_vae.training import Trainer  # noqa: E402
+from pyro_vae.infer.fast import direct_log_weights  # noqa: E402
+from pyro_vae.infer.objectives import make_elbo  # noqa: E402
+from pyro_vae.models.registry import build_vae  # noqa: E402
+from pyro_vae.train.schedules import kl_scale_at  # noqa: E402
+from pyro_vae.train.trainer import Trainer  # noqa: E402
 
 DEFAULT_CASES = ("trace-128", "meanfield-128", "iwae50-128", "trace-1024", "meanfield-1024", "iwae50-1024",
                  "is5000")
@@ -153,9 +153,9 @@ def load_data(data_dir: str | None) -> tuple[Dataset, str]:
 # -- training sides ----------------------------------------------------------------------------
 
 def make_trainer(case: Case, dataset: Dataset, device: torch.device, run_dir: str) -> Trainer:
-    config = TrainConfig(data=dataset.name, latent_dim=LATENT, hidden=[HIDDEN], objective=case.objective,
+    config = TrainConfig.from_flat(dict(data=dataset.name, latent_dim=LATENT, hidden=[HIDDEN], objective=case.objective,
                          particles=case.particles,
-                         batch_size=case.batch, device=str(device), progress=False, run_dir=run_dir, seed=0)
+                         batch_size=case.batch, device=str(device), progress=False, run_dir=run_dir, seed=0))
     return Trainer(config, dataset=dataset)
 
 
@@ -257,7 +257,7 @@ def pyro_baseline_sides(case: Case, trainer: Trainer) -> list[Side]:
 def evaluation_setup(dataset: Dataset, device: torch.device, num_points: int, max_memory_mb: float, k: int):
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
-    config = TrainConfig(latent_dim=LATENT, hidden=[HIDDEN])
+    config = TrainConfig.from_flat(dict(latent_dim=LATENT, hidden=[HIDDEN]))
     vae = build_vae(config, dataset.num_features, 0).to(device).eval()
     x = dataset.test[:num_points].to(device)
     return vae, x, library_plan(vae, x, k, max_memory_mb)
@@ -277,7 +277,7 @@ def evaluate_pyro_vae(vae, x, k: int, max_memory_mb: float) -> torch.Tensor:
 
 @contextlib.contextmanager
 def direct_importance_weights():
-    """``pyro_vae.importance.log_weights`` through ``fast_step.direct_log_weights`` (the change
+    """``pyro_vae.evaluation.importance.log_weights`` through ``fast_step.direct_log_weights`` (the change
     proposed for importance.py in docs/performance.md), for the duration of the block."""
     traced = importance.log_weights
 

@@ -1,7 +1,7 @@
 """Validation bounds of every prior x guide (plus cVAE and discrete rows) under each objective.
 
 Every cell trains the same small VAE for the same short budget with
-``pyro_vae.training.Trainer`` and reports the validation bound of its own
+``pyro_vae.train.trainer.Trainer`` and reports the validation bound of its own
 objective (nats per image; higher is better) in eval mode, i.e. what the
 trainer writes to ``metrics.jsonl`` as ``valid_bound``:
 
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.config import TrainConfig
+from pyro_vae.train.config import TrainConfig
 from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.training import Trainer
+from pyro_vae.train.trainer import Trainer
 
 PRIORS = ("normal", "learned-normal", "mixture", "vamp", "flow")
 GUIDES = ("diagonal", "lowrank", "full", "iaf")
@@ -91,7 +91,7 @@ def base_config(args: argparse.Namespace) -> dict:
 def run_cell(row: Row, objective: dict, dataset: Dataset, args: argparse.Namespace, root: Path) -> dict:
     """Train one cell and return its validation numbers (or the error that stopped it)."""
     run_dir = root / f"{row.label}-{objective['objective']}".replace(" ", "_").replace(":", "").replace(",", "")
-    config = TrainConfig(data=row.data, run_dir=str(run_dir), **base_config(args), **row.options, **objective)
+    config = TrainConfig.from_flat(dict(data=row.data, run_dir=str(run_dir), **base_config(args), **row.options, **objective))
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def estimate(rows: list[Row], data: dict, args: argparse.Namespace) -> int:
     """Time a few training steps and one validation pass per cell; project to the full budget."""
-    from pyro_vae.training import evaluate_loss
+    from pyro_vae.train.trainer import evaluate_loss
 
     steps = math.ceil(args.train_size / args.batch_size) * args.epochs
     total = 0.0
@@ -232,8 +232,8 @@ def estimate(rows: list[Row], data: dict, args: argparse.Namespace) -> int:
             dataset = subset(data[row.data], args.batch_size, args.valid_size)
             line = []
             for name, objective in OBJECTIVES.items():
-                config = TrainConfig(data=row.data, run_dir=str(Path(tmp) / f"{len(line)}"), **base_config(args),
-                                     **row.options, **objective)
+                config = TrainConfig.from_flat(dict(data=row.data, run_dir=str(Path(tmp) / f"{len(line)}"), **base_config(args),
+                                     **row.options, **objective))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     trainer = Trainer(config, dataset=dataset)

@@ -15,10 +15,10 @@ from torch import nn
 
 import pyro.distributions as dist
 
-from pyro_vae.decoders import Decoder
-from pyro_vae.guides import DiagonalGaussianEncoder, Encoder
-from pyro_vae.priors import StandardNormalPrior
-from pyro_vae.vae import VAE
+from pyro_vae.models.decoders import Decoder
+from pyro_vae.models.guides import DiagonalGaussianEncoder, Encoder
+from pyro_vae.models.priors import StandardNormalPrior
+from pyro_vae.models.vae import VAE
 
 
 class LinearGaussianDecoder(Decoder):

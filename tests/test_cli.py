@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pyro_vae.cli import main
-from pyro_vae.config import TrainConfig
-from pyro_vae.decoders import DataDomainError
-from pyro_vae.training import Trainer
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_vae.cli.main import main
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.models.decoders import DataDomainError
+from pyro_vae.train.trainer import Trainer
 
 FAST = ["--epochs", "2", "--latent-dim", "3", "--hidden", "16", "--no-progress"]
 
@@ -30,7 +30,7 @@ def test_train_writes_metrics_checkpoints_pictures_and_says_where(trained_run, c
                  "reconstructions.png"):
         assert (trained_run / name).is_file(), name
     assert len((trained_run / "metrics.jsonl").read_text().splitlines()) == 2
-    assert json.loads((trained_run / "config.json").read_text())["latent_dim"] == 3
+    assert json.loads((trained_run / "config.json").read_text())["model"]["latent_dim"] == 3
     assert (trained_run / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -50,7 +50,7 @@ def test_toml_config_is_read_and_flags_override_it(tmp_path):
                    'progress = false\n')
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--latent-dim", "2", "--run-dir", str(run)]) == 0
-    saved = json.loads((run / "config.json").read_text())
+    saved = TrainConfig.from_dict(json.loads((run / "config.json").read_text())).to_flat()
     assert (saved["epochs"], saved["latent_dim"], saved["hidden"], saved["objective"]) == (1, 2, [12], "iwae")
 
 
@@ -114,7 +114,7 @@ def test_values_outside_unit_interval_are_refused_by_the_bernoulli_decoder(tmp_p
 
 
 def test_bernoulli_domain_error_from_python_names_the_range():
-    from pyro_vae.decoders import BernoulliDecoder
+    from pyro_vae.models.decoders import BernoulliDecoder
 
     with pytest.raises(DataDomainError, match=r"values in \[-1, 2\]"):
         BernoulliDecoder(2, 3).check_data(torch.tensor([[-1.0, 0.5, 2.0]]))
@@ -177,12 +177,12 @@ def test_nan_loss_during_training_is_a_clear_error_from_the_cli(tmp_path, capsys
 
 def test_bad_device_and_config_values(tmp_path):
     with pytest.raises(ValueError, match="device must be"):
-        TrainConfig(device="tpu").validate()
+        TrainConfig.from_flat(dict(device="tpu")).validate()
     with pytest.raises(ValueError, match="unknown config key.*latent_size"):
         TrainConfig.from_dict({"latent_size": 3})
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            Trainer(TrainConfig(device="cuda", run_dir=str(tmp_path)))
+            Trainer(TrainConfig.from_flat(dict(device="cuda", run_dir=str(tmp_path))))
 
 
 def test_module_entry_point_and_console_script_help():

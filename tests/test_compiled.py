@@ -1,4 +1,4 @@
-"""The direct (compiled) loss of pyro_vae.fast_step is the Pyro estimator, only faster.
+"""The direct (compiled) loss of pyro_vae.infer.fast is the Pyro estimator, only faster.
 
 Every check compares against Pyro itself on the same random draws (same seed
 before each side): ``make_elbo(...).differentiable_loss`` for trace, meanfield
@@ -18,20 +18,20 @@ import pyro
 import pyro.distributions as dist
 from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO
 
-import pyro_vae.fast_step as fast_step
-from pyro_vae import importance
-from pyro_vae.config import TrainConfig
+import pyro_vae.infer.fast as fast_step
+from pyro_vae.evaluation import importance
+from pyro_vae.train.config import TrainConfig
 from pyro_vae.data import load_dataset
-from pyro_vae.decoders import BernoulliDecoder
-from pyro_vae.fast_step import (BernoulliLogits, DiagonalNormal, DirectLoss, DirectLossMismatch, StandardNormal,
+from pyro_vae.models.decoders import BernoulliDecoder
+from pyro_vae.infer.fast import (BernoulliLogits, DiagonalNormal, DirectLoss, DirectLossMismatch, StandardNormal,
                                 check_direct_loss, diagonal_normal_kl, direct_log_weights, make_loss_fn,
                                 make_optimizer)
-from pyro_vae.guides import DiagonalGaussianEncoder
-from pyro_vae.objectives import make_elbo
-from pyro_vae.parts import build_vae
-from pyro_vae.priors import Prior
-from pyro_vae.training import Trainer
-from pyro_vae.vae import VAE
+from pyro_vae.models.guides import DiagonalGaussianEncoder
+from pyro_vae.infer.objectives import make_elbo
+from pyro_vae.models.registry import build_vae
+from pyro_vae.models.priors import Prior
+from pyro_vae.train.trainer import Trainer
+from pyro_vae.models.vae import VAE
 
 INPUT_DIM, LATENT, HIDDEN, CLASSES, BATCH = 12, 4, [16], 3, 8
 SMALL = dict(latent_dim=LATENT, hidden=HIDDEN, flow_hidden=16, pseudo_inputs=5, mixture_components=3,
@@ -51,7 +51,7 @@ class StudentTPrior(Prior):
 
 
 def from_config(**overrides):
-    return lambda: build_vae(TrainConfig(**SMALL, **overrides), INPUT_DIM, CLASSES)
+    return lambda: build_vae(TrainConfig.from_flat(dict(**SMALL, **overrides)), INPUT_DIM, CLASSES)
 
 
 #: One line per part set-up: name -> a builder of a small VAE.  Conditional set-ups get labels.
@@ -256,7 +256,7 @@ def test_the_direct_loss_never_syncs_with_the_host(monkeypatch):
 
 @pytest.mark.parametrize("part", sorted(FAST_PART_CASES))
 def test_direct_log_weights_equal_the_traced_ones(part):
-    """The object-free importance weights (for K = 5000 evaluation) are pyro_vae.importance's, to the bit."""
+    """The object-free importance weights (for K = 5000 evaluation) are pyro_vae.evaluation.importance's, to the bit."""
     vae, x, y = make_case(part)
     vae.kl_scale = 0.3  # evaluation weighs the true model whatever the training scale
     for k in (1, 6):
@@ -327,12 +327,12 @@ def test_training_through_the_direct_loss_is_training_through_pyro(tmp_path, dig
     """An epoch with the trainer's direct loss ends at the same parameters as one with Pyro's estimator."""
     config = dict(latent_dim=4, hidden=[32], batch_size=64, progress=False, patience=0, epochs=1, beta=0.5,
                   objective=objective, **extra)
-    fast = Trainer(TrainConfig(run_dir=str(tmp_path / "fast"), **config), dataset=digits)
+    fast = Trainer(TrainConfig.from_flat(dict(run_dir=str(tmp_path / "fast"), **config)), dataset=digits)
     assert isinstance(fast.loss_fn, DirectLoss) and fast.loss_fn.fast_parts
     initial = [p.detach().clone() for p in fast.vae.parameters()]
     fast.fit()
-    monkeypatch.setattr("pyro_vae.training.make_loss_fn", lambda elbo, vae, x, y: elbo.differentiable_loss)
-    slow = Trainer(TrainConfig(run_dir=str(tmp_path / "pyro"), **config), dataset=digits)
+    monkeypatch.setattr("pyro_vae.train.trainer.make_loss_fn", lambda elbo, vae, x, y: elbo.differentiable_loss)
+    slow = Trainer(TrainConfig.from_flat(dict(run_dir=str(tmp_path / "pyro"), **config)), dataset=digits)
     assert slow.loss_fn == slow.elbo.differentiable_loss
     slow.fit()
     for (name, p), q, p0 in zip(fast.vae.named_parameters(), slow.vae.parameters(), initial):

@@ -10,12 +10,12 @@ import pyro
 import pyro.distributions as dist
 from pyro import poutine
 
-from pyro_vae.cli import build_parser, config_from_args
-from pyro_vae.config import TrainConfig
-from pyro_vae.discrete import (MIN_TEMPERATURE, CategoricalLatentDecoder, RelaxedCategoricalEncoder,
+from pyro_vae.cli.main import build_parser, config_from_args
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.models.discrete import (MIN_TEMPERATURE, CategoricalLatentDecoder, RelaxedCategoricalEncoder,
                                RelaxedCategoricalPrior, TemperatureSchedule, relaxed_one_hot)
-from pyro_vae.objectives import analytic_kl_sites, make_elbo
-from pyro_vae.parts import build_vae
+from pyro_vae.infer.objectives import analytic_kl_sites, make_elbo
+from pyro_vae.models.registry import build_vae
 
 D, N, K = 6, 3, 4  # data features, categorical latents, categories
 
@@ -27,7 +27,7 @@ def seeded():
 
 
 def discrete_config(**kw) -> TrainConfig:
-    return TrainConfig(prior="categorical", guide="categorical", latent_dim=N, num_categories=K, hidden=[8], **kw)
+    return TrainConfig.from_flat(dict(prior="categorical", guide="categorical", latent_dim=N, num_categories=K, hidden=[8], **kw))
 
 
 def concrete_log_density(x: torch.Tensor, logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_cold_temperatures_are_clamped_and_keep_the_log_density_finite():
         cold = TemperatureSchedule(1.0, 0.01, 1.0)
     assert cold.at(10_000, 1) == MIN_TEMPERATURE
     with pytest.raises(ValueError, match=r"temperature_min must be >= 0.1.*got 0.05"):
-        TrainConfig(temperature_min=0.05).validate()
+        TrainConfig.from_flat(dict(temperature_min=0.05)).validate()
 
 
 def test_temperature_anneals_exponentially_per_epoch_down_to_the_minimum():
@@ -88,7 +88,7 @@ def test_temperature_anneals_exponentially_per_epoch_down_to_the_minimum():
     vae.train()
     assert float(vae.encoder(torch.rand(2, D)).base_dist.temperature) == pytest.approx(2.0 * math.exp(-0.5))
     with pytest.raises(ValueError, match="temperature must be >= temperature_min=0.5, got 0.3"):
-        TrainConfig(temperature=0.3, temperature_min=0.5).validate()
+        TrainConfig.from_flat(dict(temperature=0.3, temperature_min=0.5)).validate()
 
 
 @pytest.mark.parametrize("straight_through", [False, True])
@@ -154,17 +154,17 @@ def test_categorical_latent_decoder_flattens_the_one_hot_codes():
 
 def test_discrete_prior_and_guide_only_pair_with_each_other():
     with pytest.raises(ValueError, match="prior 'categorical' and guide 'diagonal' do not fit"):
-        build_vae(TrainConfig(prior="categorical", guide="diagonal"), D)
+        build_vae(TrainConfig.from_flat(dict(prior="categorical", guide="diagonal")), D)
     with pytest.raises(ValueError, match="prior 'normal' and guide 'categorical' do not fit"):
-        build_vae(TrainConfig(prior="normal", guide="categorical"), D)
+        build_vae(TrainConfig.from_flat(dict(prior="normal", guide="categorical")), D)
     with pytest.raises(ValueError, match="num_categories must be an integer >= 2, got 1"):
-        TrainConfig(num_categories=1).validate()
+        TrainConfig.from_flat(dict(num_categories=1)).validate()
     with pytest.raises(ValueError, match="need num_latents >= 1 and num_categories >= 2"):
         RelaxedCategoricalPrior(N, 1)
 
 
 def test_conditional_vae_feeds_the_label_to_guide_and_decoder():
-    vae = build_vae(TrainConfig(latent_dim=2, hidden=[8], conditional=True), D, num_classes=3)
+    vae = build_vae(TrainConfig.from_flat(dict(latent_dim=2, hidden=[8], conditional=True)), D, num_classes=3)
     x = torch.rand(4, D)
     y0, y1 = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
     c0, c1 = vae.condition(y0), vae.condition(y1)
@@ -174,7 +174,7 @@ def test_conditional_vae_feeds_the_label_to_guide_and_decoder():
     with pytest.raises(ValueError, match="pass labels y"):
         vae.model(x)
     with pytest.raises(ValueError, match="--conditional needs a labelled data set"):
-        build_vae(TrainConfig(conditional=True), D, num_classes=None)
+        build_vae(TrainConfig.from_flat(dict(conditional=True)), D, num_classes=None)
 
 
 def test_cli_flags_select_each_part_and_its_options():
@@ -184,26 +184,26 @@ def test_cli_flags_select_each_part_and_its_options():
         "--temperature-anneal", "0.2", "--straight-through", "--mixture-components", "7",
         "--pseudo-inputs", "9", "--flow-steps", "3", "--flow-hidden", "32", "--guide-rank", "4"])
     config = config_from_args(args)
-    assert (config.prior, config.guide, config.decoder) == ("categorical", "categorical", "continuous-bernoulli")
-    assert (config.num_categories, config.temperature, config.temperature_min) == (5, 2.0, 0.3)
-    assert (config.temperature_anneal, config.straight_through) == (0.2, True)
-    assert (config.mixture_components, config.pseudo_inputs, config.flow_steps) == (7, 9, 3)
-    assert (config.flow_hidden, config.guide_rank) == (32, 4)
+    assert (config.model.prior, config.model.guide, config.model.decoder) == ("categorical", "categorical", "continuous-bernoulli")
+    assert (config.model.num_categories, config.model.temperature, config.model.temperature_min) == (5, 2.0, 0.3)
+    assert (config.model.temperature_anneal, config.model.straight_through) == (0.2, True)
+    assert (config.model.mixture_components, config.model.pseudo_inputs, config.model.flow_steps) == (7, 9, 3)
+    assert (config.model.flow_hidden, config.model.guide_rank) == (32, 4)
     defaults = config_from_args(build_parser().parse_args(["train"]))
     assert defaults == TrainConfig()  # unset flags stay absent, so TOML files can supply them
     for prior in ("normal", "learned-normal", "mixture", "vamp", "flow", "categorical"):
-        assert config_from_args(build_parser().parse_args(["train", "--prior", prior])).prior == prior
+        assert config_from_args(build_parser().parse_args(["train", "--prior", prior])).model.prior == prior
     for guide in ("diagonal", "lowrank", "full", "iaf", "categorical"):
-        assert config_from_args(build_parser().parse_args(["train", "--guide", guide])).guide == guide
+        assert config_from_args(build_parser().parse_args(["train", "--guide", guide])).model.guide == guide
 
 
 def test_conditional_run_writes_one_row_of_samples_per_class(tmp_path):
     from pyro_vae.data import load_dataset
-    from pyro_vae.pictures import write_run_pictures
-    from pyro_vae.training import train
+    from pyro_vae.evaluation.pictures import write_run_pictures
+    from pyro_vae.train.trainer import train
 
-    config = TrainConfig(data="digits", latent_dim=2, hidden=[16], conditional=True, epochs=1,
-                         run_dir=str(tmp_path / "cvae"), progress=False)
+    config = TrainConfig.from_flat(dict(data="digits", latent_dim=2, hidden=[16], conditional=True, epochs=1,
+                         run_dir=str(tmp_path / "cvae"), progress=False))
     result = train(config, dataset=load_dataset("digits"))
     paths = write_run_pictures(result.run_dir, num=20)
     assert [p.name for p in paths] == ["samples.png", "reconstructions.png"]

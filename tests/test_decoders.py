@@ -8,9 +8,9 @@ import torch
 
 import pyro
 
-from pyro_vae.config import TrainConfig
-from pyro_vae.decoders import ContinuousBernoulliDecoder, DataDomainError, PixelScaleGaussianDecoder
-from pyro_vae.parts import DECODERS
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.models.decoders import ContinuousBernoulliDecoder, DataDomainError, PixelScaleGaussianDecoder
+from pyro_vae.models.registry import DECODERS
 
 R, D = 3, 5
 
@@ -75,7 +75,7 @@ def test_pixel_scale_gaussian_has_one_learned_scale_per_pixel():
 @pytest.mark.parametrize("name", ["bernoulli", "continuous-bernoulli", "gaussian", "gaussian-learned",
                                   "gaussian-pixel"])
 def test_decoder_shapes_with_a_particle_dimension(name):
-    dec = DECODERS[name](TrainConfig(latent_dim=R, hidden=[8]), D, 0)
+    dec = DECODERS[name](TrainConfig.from_flat(dict(latent_dim=R, hidden=[8])).model, D, 0)
     z = torch.randn(7, 4, R)  # (particles, batch, r)
     p = dec(z)
     assert p.batch_shape == (7, 4) and p.event_shape == (D,)

@@ -1,4 +1,4 @@
-"""Latent and guide diagnostics (pyro_vae.diagnostics, pyro_vae.arviz_compat): PSIS k-hat,
+"""Latent and guide diagnostics (pyro_vae.evaluation.diagnostics, pyro_vae.evaluation.arviz_compat): PSIS k-hat,
 active units, KL per dimension, and the ArviZ export of guide draws."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import pyro
 import pyro.distributions as dist
 
 from linear_gaussian import ExactPosteriorEncoder, LinearGaussianProblem
-from pyro_vae import arviz_compat
-from pyro_vae.diagnostics import (KHAT_MEANING, active_unit_activity, active_units, export_posterior, guide_mean,
+from pyro_vae.evaluation import arviz_compat
+from pyro_vae.evaluation.diagnostics import (KHAT_MEANING, active_unit_activity, active_units, export_posterior, guide_mean,
                                   khat_summary, kl_per_dimension, latent_sites)
-from pyro_vae.evaluation import EvaluationOptions, evaluate_test_set
-from pyro_vae.guides import Encoder
-from pyro_vae.importance import log_weights
-from pyro_vae.vae import VAE
+from pyro_vae.evaluation.evaluator import EvaluationOptions, evaluate_test_set
+from pyro_vae.models.guides import Encoder
+from pyro_vae.evaluation.importance import log_weights
+from pyro_vae.models.vae import VAE
 
 
 def _fresh(seed: int = 0) -> None:
@@ -176,13 +176,13 @@ def test_categorical_latents_count_every_category_as_a_unit_and_skip_per_dim_kl(
     per-dimension KL; the batch must not be mixed into the latent axis."""
     import pyro
 
-    from pyro_vae.config import TrainConfig
-    from pyro_vae.diagnostics import guide_mean, kl_per_dimension, latent_sites
-    from pyro_vae.parts import build_vae
+    from pyro_vae.train.config import TrainConfig
+    from pyro_vae.evaluation.diagnostics import guide_mean, kl_per_dimension, latent_sites
+    from pyro_vae.models.registry import build_vae
 
     pyro.set_rng_seed(0)
-    vae = build_vae(TrainConfig(prior="categorical", guide="categorical", latent_dim=4, num_categories=5,
-                                hidden=[8]), 6).eval()
+    vae = build_vae(TrainConfig.from_flat(dict(prior="categorical", guide="categorical", latent_dim=4, num_categories=5,
+                                hidden=[8])), 6).eval()
     x = torch.rand(7, 6).round()
     site = latent_sites(vae, x)[0]
     mean, _ = guide_mean(site.guide)

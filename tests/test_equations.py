@@ -8,7 +8,7 @@ import torch
 import pyro.distributions as dist
 from pyro.distributions.kl import kl_divergence
 
-from pyro_vae import equations as eq
+from pyro_vae.infer import equations as eq
 
 from linear_gaussian import LinearGaussianProblem
 

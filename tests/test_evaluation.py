@@ -1,4 +1,4 @@
-"""Importance-sampled log-likelihood and the bounds beside it (pyro_vae.importance, pyro_vae.evaluation).
+"""Importance-sampled log-likelihood and the bounds beside it (pyro_vae.evaluation.importance, pyro_vae.evaluation.evaluator).
 
 The linear-Gaussian VAE of ``tests/linear_gaussian.py`` has an exact ``log p(x)``,
 so the estimator is checked against the truth, not against itself.
@@ -16,15 +16,15 @@ import pyro
 import pyro.distributions as dist
 
 from linear_gaussian import ExactPosteriorEncoder, LinearGaussianProblem
-from pyro_vae.config import TrainConfig
-from pyro_vae.equations import gaussian_kl_to_standard_normal
-from pyro_vae.evaluation import (EvaluationOptions, bounds_from_log_weights, evaluate_test_set,
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.infer.equations import gaussian_kl_to_standard_normal
+from pyro_vae.evaluation.evaluator import (EvaluationOptions, bounds_from_log_weights, evaluate_test_set,
                                  iwae_bound_grouped, per_point_bounds, renyi_bound, summarize)
-from pyro_vae.guides import Encoder
-from pyro_vae.importance import (StreamingLogMeanExp, collect_log_weights, estimate_bytes_per_pair,
+from pyro_vae.models.guides import Encoder
+from pyro_vae.evaluation.importance import (StreamingLogMeanExp, collect_log_weights, estimate_bytes_per_pair,
                                  importance_log_likelihood, log_weights, plan_chunks)
-from pyro_vae.parts import build_vae
-from pyro_vae.vae import VAE
+from pyro_vae.models.registry import build_vae
+from pyro_vae.models.vae import VAE
 
 
 def _fresh(seed: int = 0) -> None:
@@ -257,7 +257,7 @@ def test_evaluation_uses_the_true_model_whatever_the_kl_scale():
 
 def test_conditional_vae_is_evaluated_with_its_labels():
     _fresh(9)
-    config = TrainConfig(latent_dim=2, hidden=[8], conditional=True)
+    config = TrainConfig.from_flat(dict(latent_dim=2, hidden=[8], conditional=True))
     vae = build_vae(config, 6, 3)
     x = torch.bernoulli(torch.full((10, 6), 0.4))
     y = torch.arange(10) % 3

@@ -11,12 +11,12 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 
-from pyro_vae.config import TrainConfig
-from pyro_vae.flows import IAFEncoder
-from pyro_vae.guides import DiagonalGaussianEncoder, FullCovarianceEncoder, LowRankGaussianEncoder
-from pyro_vae.kl import gaussian_kl_to_diagonal
-from pyro_vae.objectives import analytic_kl_sites
-from pyro_vae.parts import GUIDES, build_vae
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.models.flows import IAFEncoder
+from pyro_vae.models.guides import DiagonalGaussianEncoder, FullCovarianceEncoder, LowRankGaussianEncoder
+from pyro_vae.infer.kl import gaussian_kl_to_diagonal
+from pyro_vae.infer.objectives import analytic_kl_sites
+from pyro_vae.models.registry import GUIDES, build_vae
 
 D, R = 6, 3
 
@@ -139,8 +139,8 @@ def test_iaf_inverse_stays_finite_when_the_network_saturates():
 
 @pytest.mark.parametrize("name", ["diagonal", "lowrank", "full", "iaf"])
 def test_guide_density_normalizes_on_a_2d_grid(name):
-    config = TrainConfig(guide=name, latent_dim=2, hidden=[8], flow_hidden=8, guide_rank=1)
-    enc = perturb(GUIDES[name](config, D, 0), 0.1)
+    config = TrainConfig.from_flat(dict(guide=name, latent_dim=2, hidden=[8], flow_hidden=8, guide_rank=1))
+    enc = perturb(GUIDES[name](config.model, D, 0), 0.1)
     q = enc(torch.rand(1, D) * 0.1)  # near-zero inputs keep the density inside the grid
     mass = grid_mass(lambda z: q.log_prob(z.unsqueeze(1)).squeeze(1), lim=8.0)
     assert mass == pytest.approx(1.0, abs=0.02)
@@ -148,7 +148,7 @@ def test_guide_density_normalizes_on_a_2d_grid(name):
 
 @pytest.mark.parametrize("name", ["diagonal", "lowrank", "full", "iaf"])
 def test_guide_shapes_under_data_plate_and_particle_plate(name):
-    config = TrainConfig(guide=name, latent_dim=R, hidden=[8], flow_hidden=8)
+    config = TrainConfig.from_flat(dict(guide=name, latent_dim=R, hidden=[8], flow_hidden=8))
     vae = build_vae(config, D)
     x = torch.rand(5, D)
     with pyro.plate("particles", 4, dim=-2):
@@ -165,7 +165,7 @@ def test_guide_shapes_under_data_plate_and_particle_plate(name):
 @pytest.mark.parametrize("guide_name", ["lowrank", "full"])
 @pytest.mark.parametrize("prior_name", ["normal", "learned-normal"])
 def test_registered_kl_for_correlated_guides_matches_the_gaussian_closed_form(guide_name, prior_name):
-    config = TrainConfig(prior=prior_name, guide=guide_name, latent_dim=R, hidden=[8])
+    config = TrainConfig.from_flat(dict(prior=prior_name, guide=guide_name, latent_dim=R, hidden=[8]))
     vae = build_vae(config, D)
     perturb(vae.encoder)
     if prior_name == "learned-normal":
@@ -192,13 +192,13 @@ def test_kl_to_diagonal_of_a_diagonal_gaussian_is_the_textbook_formula():
 @pytest.mark.parametrize("guide_name, analytic", [("diagonal", True), ("lowrank", True), ("full", True),
                                                   ("iaf", False)])
 def test_meanfield_report_for_each_guide_under_the_normal_prior(guide_name, analytic):
-    vae = build_vae(TrainConfig(guide=guide_name, latent_dim=R, hidden=[8], flow_hidden=8), D)
+    vae = build_vae(TrainConfig.from_flat(dict(guide=guide_name, latent_dim=R, hidden=[8], flow_hidden=8)), D)
     assert analytic_kl_sites(vae.model, vae.guide, torch.rand(2, D)) == {"z": analytic}
 
 
 def test_meanfield_with_full_covariance_guide_uses_the_analytic_kl():
     """TraceMeanField's loss with a zero-variance reconstruction is exactly the closed-form KL term."""
-    vae = build_vae(TrainConfig(guide="full", decoder="gaussian", latent_dim=R, hidden=[8]), D)
+    vae = build_vae(TrainConfig.from_flat(dict(guide="full", decoder="gaussian", latent_dim=R, hidden=[8])), D)
     x = torch.rand(5, D)
     elbo = pyro.infer.TraceMeanField_ELBO(max_plate_nesting=1)
     decoder_free = poutine.block(vae.model, hide=["x"])  # keep only the latent site
@@ -211,10 +211,10 @@ def test_lowrank_rank_out_of_range_is_refused_with_the_value():
     with pytest.raises(ValueError, match="rank must be between 1 and latent_dim=3, got 4"):
         LowRankGaussianEncoder(D, R, rank=4)
     with pytest.raises(ValueError, match="guide_rank must be at most latent_dim=3, got 5"):
-        TrainConfig(guide="lowrank", latent_dim=3, guide_rank=5).validate()
+        TrainConfig.from_flat(dict(guide="lowrank", latent_dim=3, guide_rank=5)).validate()
 
 
 def test_iaf_needs_enough_hidden_units():
     with pytest.raises(ValueError, match=r"flow_hidden must be at least latent_dim=20 .*got 8"):
-        TrainConfig(guide="iaf", latent_dim=20, flow_hidden=8).validate()
+        TrainConfig.from_flat(dict(guide="iaf", latent_dim=20, flow_hidden=8)).validate()
     assert math.isfinite(IAFEncoder(D, R, flow_hidden=R, hidden=[8])(torch.rand(2, D)).rsample().sum().item())

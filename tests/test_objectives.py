@@ -9,8 +9,8 @@ import pyro
 import pyro.distributions as dist
 from pyro.infer import RenyiELBO, Trace_ELBO
 
-from pyro_vae.equations import gaussian_kl_to_standard_normal
-from pyro_vae.objectives import (DifferentiableRenyiELBO, OBJECTIVES, analytic_kl_sites, make_elbo,
+from pyro_vae.infer.equations import gaussian_kl_to_standard_normal
+from pyro_vae.infer.objectives import (DifferentiableRenyiELBO, OBJECTIVES, analytic_kl_sites, make_elbo,
                                  warn_about_monte_carlo_kl)
 
 from linear_gaussian import LinearGaussianProblem
@@ -62,7 +62,7 @@ def test_exact_posterior_guide_makes_every_bound_tight(problem, name):
     exact = problem.log_evidence().mean().item()
     bound, se = per_point_bound(make_elbo(name, **OBJECTIVE_ARGS[name]), vae, problem.x, repeats=100)
     if name == "meanfield":
-        # pyro_vae.kl registers KL(MultivariateNormal || diagonal Normal): the bound is then
+        # pyro_vae.infer.kl registers KL(MultivariateNormal || diagonal Normal): the bound is then
         # E_q[log p(x|z)] - KL, whose one-sample estimate has variance; it is tight in expectation.
         assert analytic_kl_sites(vae.model, vae.guide, problem.x) == {"z": True}
         assert abs(bound - exact) < 3 * se + 1e-6
@@ -81,10 +81,10 @@ def test_trace_and_meanfield_agree_in_expectation(problem):
 
 def test_meanfield_loss_is_reconstruction_minus_closed_form_kl_on_the_same_draw():
     pyro.set_rng_seed(0)
-    from pyro_vae.config import TrainConfig
-    from pyro_vae.parts import build_vae
+    from pyro_vae.train.config import TrainConfig
+    from pyro_vae.models.registry import build_vae
 
-    vae = build_vae(TrainConfig(latent_dim=3, hidden=[8]), 6)
+    vae = build_vae(TrainConfig.from_flat(dict(latent_dim=3, hidden=[8])), 6)
     x = torch.rand(4, 6).round()
     vae.kl_scale = 0.3
     pyro.set_rng_seed(1)

@@ -10,11 +10,11 @@ import torch
 
 import pyro
 
-from pyro_vae.config import TrainConfig
+from pyro_vae.train.config import TrainConfig
 from pyro_vae.data import load_dataset
-from pyro_vae.objectives import OBJECTIVES, make_elbo
-from pyro_vae.parts import build_vae
-from pyro_vae.training import Trainer, evaluate_loss
+from pyro_vae.infer.objectives import OBJECTIVES, make_elbo
+from pyro_vae.models.registry import build_vae
+from pyro_vae.train.trainer import Trainer, evaluate_loss
 
 CONTINUOUS_PRIORS = ("normal", "learned-normal", "mixture", "vamp", "flow")
 CONTINUOUS_GUIDES = ("diagonal", "lowrank", "full", "iaf")
@@ -32,7 +32,7 @@ def tiny(**kw) -> TrainConfig:
     base.update(kw)
     if base.get("objective") == "renyi":
         base.setdefault("alpha", 0.5)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(dict(**base))
 
 
 def bound_before_and_after(config: TrainConfig, digits) -> tuple[float, float]:

@@ -12,12 +12,12 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 from pyro import poutine
 
-from pyro_vae.config import TrainConfig
-from pyro_vae.flows import FlowPrior, IAFEncoder
-from pyro_vae.guides import DiagonalGaussianEncoder
-from pyro_vae.objectives import analytic_kl_sites
-from pyro_vae.parts import PRIORS, build_vae
-from pyro_vae.priors import LearnedNormalPrior, MixtureOfGaussiansPrior, VampPrior
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.models.flows import FlowPrior, IAFEncoder
+from pyro_vae.models.guides import DiagonalGaussianEncoder
+from pyro_vae.infer.objectives import analytic_kl_sites
+from pyro_vae.models.registry import PRIORS, build_vae
+from pyro_vae.models.priors import LearnedNormalPrior, MixtureOfGaussiansPrior, VampPrior
 
 D, R = 6, 3
 
@@ -46,8 +46,8 @@ def grid_mass(log_prob, lim=8.0, n=241):
 
 
 def small_config(prior: str, **kw) -> TrainConfig:
-    return TrainConfig(prior=prior, latent_dim=kw.pop("latent_dim", R), hidden=[8], flow_hidden=8,
-                       pseudo_inputs=5, mixture_components=4, **kw)
+    return TrainConfig.from_flat(dict(prior=prior, latent_dim=kw.pop("latent_dim", R), hidden=[8], flow_hidden=8,
+                       pseudo_inputs=5, mixture_components=4, **kw))
 
 
 def test_learned_normal_matches_the_gaussian_closed_form():
@@ -146,7 +146,7 @@ def test_flow_prior_density_follows_its_parameters_at_the_same_value():
 def test_prior_density_normalizes_on_a_2d_grid(name):
     config = small_config(name, latent_dim=2)
     encoder = DiagonalGaussianEncoder(D, 2, hidden=[8])
-    prior = perturb(PRIORS[name](config, D, 0, encoder), 0.1)  # learnable parts off their initialisation
+    prior = perturb(PRIORS[name](config.model, D, 0, encoder), 0.1)  # learnable parts off their initialisation
     mass = grid_mass(lambda z: prior(z.shape[0]).log_prob(z))
     assert mass == pytest.approx(1.0, abs=0.02)
 
@@ -193,7 +193,7 @@ def test_meanfield_report_for_each_prior_under_the_diagonal_guide(name, analytic
 
 def test_trainer_warns_when_meanfield_falls_back_to_monte_carlo(tmp_path):
     from pyro_vae.data import load_dataset
-    from pyro_vae.training import Trainer
+    from pyro_vae.train.trainer import Trainer
 
     digits = load_dataset("digits")
     config = small_config("mixture", objective="meanfield", epochs=1, run_dir=str(tmp_path / "run"),
@@ -213,6 +213,6 @@ def test_bad_sizes_are_refused_with_the_value():
     with pytest.raises(ValueError, match="num_pseudo_inputs must be a positive integer, got 0"):
         VampPrior(DiagonalGaussianEncoder(D, R), D, 0)
     with pytest.raises(ValueError, match="mixture_components must be a positive integer, got 0"):
-        TrainConfig(mixture_components=0).validate()
+        TrainConfig.from_flat(dict(mixture_components=0)).validate()
     with pytest.raises(ValueError, match="flow_steps must be a positive integer, got 0"):
-        TrainConfig(flow_steps=0).validate()
+        TrainConfig.from_flat(dict(flow_steps=0)).validate()

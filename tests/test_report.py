@@ -1,5 +1,5 @@
 """``pyro-vae evaluate`` and ``pyro-vae compare`` end to end on a tiny digits run
-(pyro_vae.evaluation_commands, pyro_vae.report, pyro_vae.evaluation_plots)."""
+(pyro_vae.cli.evaluate, pyro_vae.evaluation.report, pyro_vae.evaluation.plots)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 
 import pyro
 
-from pyro_vae import arviz_compat
-from pyro_vae.cli import main
-from pyro_vae.config import TrainConfig
-from pyro_vae.evaluation import EvaluationOptions, evaluate_test_set
-from pyro_vae.report import (EvaluationMissing, compare_runs, fmt_estimate, format_table, jsonable,
+from pyro_vae.evaluation import arviz_compat
+from pyro_vae.cli.main import main
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.evaluation.evaluator import EvaluationOptions, evaluate_test_set
+from pyro_vae.evaluation.report import (EvaluationMissing, compare_runs, fmt_estimate, format_table, jsonable,
                              load_evaluation)
-from pyro_vae.runs import load_run
-from pyro_vae.training import train
+from pyro_vae.train.runs import load_run
+from pyro_vae.train.trainer import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVALUATE = ["--particles", "200", "--num-points", "60", "--seed", "3", "--no-progress"]
@@ -34,7 +34,7 @@ def evaluated_run(tmp_path_factory):
     """A 2-epoch digits run, evaluated through the command line."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     pyro.clear_param_store()
-    train(TrainConfig(epochs=2, latent_dim=3, hidden=[32], batch_size=256, run_dir=str(run_dir), progress=False))
+    train(TrainConfig.from_flat(dict(epochs=2, latent_dim=3, hidden=[32], batch_size=256, run_dir=str(run_dir), progress=False)))
     code = main(["evaluate", str(run_dir), *EVALUATE, "--export-posterior", "0", "7", "--posterior-samples", "40"])
     assert code == 0
     return run_dir
@@ -145,8 +145,8 @@ def test_categorical_latents_are_evaluated_without_traversals(tmp_path):
     draws keep their (latent, category) shape."""
     run_dir = tmp_path / "categorical"
     pyro.clear_param_store()
-    train(TrainConfig(prior="categorical", guide="categorical", latent_dim=2, num_categories=3, hidden=[16],
-                      epochs=1, batch_size=512, run_dir=str(run_dir), progress=False))
+    train(TrainConfig.from_flat(dict(prior="categorical", guide="categorical", latent_dim=2, num_categories=3, hidden=[16],
+                      epochs=1, batch_size=512, run_dir=str(run_dir), progress=False)))
     assert main(["evaluate", str(run_dir), "--particles", "120", "--num-points", "12", "--no-progress",
                  "--export-posterior", "1", "--posterior-samples", "10"]) == 0
     report = _strict_json(run_dir / "evaluation.json")

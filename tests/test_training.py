@@ -9,11 +9,11 @@ import torch
 
 import pyro
 
-from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.config import TrainConfig
+from pyro_vae.train.checkpoint import load_checkpoint
+from pyro_vae.train.config import TrainConfig
 from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.schedules import kl_scale_at
-from pyro_vae.training import Trainer, TrainingDiverged, train
+from pyro_vae.train.schedules import kl_scale_at
+from pyro_vae.train.trainer import Trainer, TrainingDiverged, train
 
 SMALL = dict(latent_dim=4, hidden=[32], batch_size=64, progress=False, patience=0)
 
@@ -35,7 +35,7 @@ def subset(ds: Dataset, n_train: int, n_valid: int) -> Dataset:
 @pytest.mark.parametrize("objective,extra", [("trace", {}), ("meanfield", {}), ("iwae", {"particles": 3}),
                                              ("renyi", {"particles": 3, "alpha": 0.5})])
 def test_short_training_on_digits_improves_validation_elbo(tmp_path, digits, objective, extra):
-    result = train(TrainConfig(epochs=6, objective=objective, run_dir=str(tmp_path), lr=3e-3, **SMALL, **extra),
+    result = train(TrainConfig.from_flat(dict(epochs=6, objective=objective, run_dir=str(tmp_path), lr=3e-3, **SMALL, **extra)),
                    dataset=digits)
     first, last = result.history[0], result.history[-1]
     assert last["valid_elbo"] > first["valid_elbo"] + 1.0
@@ -50,7 +50,7 @@ def test_short_training_on_binarized_mnist_improves_validation_elbo(tmp_path):
     if not os.environ.get("PYRO_VAE_DATA"):
         pytest.skip("PYRO_VAE_DATA is not set (CI sets it; missing files there fail this test)")
     data = subset(load_dataset("binarized-mnist"), 6000, 1000)
-    result = train(TrainConfig(data="binarized-mnist", epochs=3, run_dir=str(tmp_path), **SMALL), dataset=data)
+    result = train(TrainConfig.from_flat(dict(data="binarized-mnist", epochs=3, run_dir=str(tmp_path), **SMALL)), dataset=data)
     assert result.history[-1]["valid_elbo"] > result.history[0]["valid_elbo"] + 3.0
     assert result.history[-1]["valid_elbo"] < 0
 
@@ -66,7 +66,7 @@ def _assert_same_parameters(a, b):
 
 
 def test_resume_after_two_epochs_equals_four_straight(tmp_path, digits):
-    cfg = TrainConfig(epochs=4, objective="iwae", particles=2, beta=0.7, warmup_epochs=3, **SMALL)
+    cfg = TrainConfig.from_flat(dict(epochs=4, objective="iwae", particles=2, beta=0.7, warmup_epochs=3, **SMALL))
     train(cfg.replace(run_dir=str(tmp_path / "straight")), dataset=digits)
     train(cfg.replace(run_dir=str(tmp_path / "split"), epochs=2), dataset=digits)
     resumed = train(cfg.replace(run_dir=str(tmp_path / "split")), dataset=digits, resume=True)
@@ -82,7 +82,7 @@ def test_resume_after_two_epochs_equals_four_straight(tmp_path, digits):
 def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tmp_path, digits):
     """SIGINT during training stops after the current step, saves, and resuming gives the
     same parameters as an uninterrupted run."""
-    cfg = TrainConfig(epochs=2, **SMALL)
+    cfg = TrainConfig.from_flat(dict(epochs=2, **SMALL))
     train(cfg.replace(run_dir=str(tmp_path / "straight")), dataset=digits)
 
     trainer = Trainer(cfg.replace(run_dir=str(tmp_path / "split")), dataset=digits)
@@ -103,7 +103,7 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tmp_path, digits):
 
 
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_names_the_step(tmp_path, digits):
-    trainer = Trainer(TrainConfig(epochs=3, run_dir=str(tmp_path), **SMALL), dataset=digits)
+    trainer = Trainer(TrainConfig.from_flat(dict(epochs=3, run_dir=str(tmp_path), **SMALL)), dataset=digits)
     steps_per_epoch = -(-digits.train.shape[0] // 64)
     bad_step = steps_per_epoch + 5  # fifth step of the second epoch
     honest = trainer.loss_fn
@@ -123,13 +123,13 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_names_the_step(tmp_path, 
 
 
 def test_early_stopping_when_the_bound_stops_improving(tmp_path, digits):
-    result = train(TrainConfig(epochs=30, lr=1e-9, **{**SMALL, "patience": 2}, run_dir=str(tmp_path)),
+    result = train(TrainConfig.from_flat(dict(epochs=30, lr=1e-9, **{**SMALL, "patience": 2}, run_dir=str(tmp_path))),
                    dataset=digits)
     assert result.stopped_early and len(result.history) < 30
 
 
 def test_same_seed_same_run_different_seed_different_run(tmp_path, digits):
-    cfg = TrainConfig(epochs=1, **SMALL)
+    cfg = TrainConfig.from_flat(dict(epochs=1, **SMALL))
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         train(cfg.replace(run_dir=str(tmp_path / name), seed=seed), dataset=digits)
     a, b, c = (_final_parameters(tmp_path / n) for n in "abc")
@@ -146,7 +146,7 @@ def test_kl_warmup_is_linear_then_flat_at_beta():
 
 def test_warmup_and_beta_reach_the_latent_site_in_model_and_guide(tmp_path, digits):
     """poutine.scale must hit the latent site of both programs: check the scales Pyro records."""
-    trainer = Trainer(TrainConfig(epochs=1, beta=0.25, run_dir=str(tmp_path), **SMALL), dataset=digits)
+    trainer = Trainer(TrainConfig.from_flat(dict(epochs=1, beta=0.25, run_dir=str(tmp_path), **SMALL)), dataset=digits)
     vae, x = trainer.vae, trainer.x_train[:8]
     vae.kl_scale = 0.25
     guide_trace = pyro.poutine.trace(vae.guide).get_trace(x)
@@ -156,7 +156,7 @@ def test_warmup_and_beta_reach_the_latent_site_in_model_and_guide(tmp_path, digi
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_a_missing_one(tmp_path, digits):
-    cfg = TrainConfig(epochs=1, run_dir=str(tmp_path / "r"), **SMALL)
+    cfg = TrainConfig.from_flat(dict(epochs=1, run_dir=str(tmp_path / "r"), **SMALL))
     train(cfg, dataset=digits)
     with pytest.raises(ValueError, match="already holds a run"):
         Trainer(cfg, dataset=digits)

@@ -36,9 +36,9 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 
-from .guides import Encoder, concat_condition
-from .networks import mlp
-from .priors import Prior
+from pyro_vae.models.guides import Encoder, concat_condition
+from pyro_vae.models.networks import mlp
+from pyro_vae.models.priors import Prior
 
 
 def start_at_identity(autoregressive_nn: nn.Module) -> None:

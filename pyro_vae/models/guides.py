@@ -14,8 +14,8 @@ from torch import nn
 
 import pyro.distributions as dist
 
-from . import kl  # noqa: F401  (registers KL(correlated Gaussian || diagonal Gaussian) for meanfield)
-from .networks import mlp
+from pyro_vae.infer import kl  # noqa: F401  (registers KL(correlated Gaussian || diagonal Gaussian) for meanfield)
+from pyro_vae.models.networks import mlp
 
 
 def zero_output_rows(net: nn.Sequential, start: int) -> None:

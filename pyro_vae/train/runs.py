@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import TrainConfig
-from .data import Dataset, load_dataset
-from .parts import build_vae
-from .training import BEST, CHECKPOINT, resolve_device
-from .vae import VAE
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.data import Dataset, load_dataset
+from pyro_vae.models.registry import build_vae
+from pyro_vae.train.trainer import BEST, CHECKPOINT, resolve_device
+from pyro_vae.models.vae import VAE
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_run(run_dir: str | Path, device: str = "auto", which: str = "best") -> 
     dev = resolve_device(device)
     state = load_checkpoint(path, map_location=dev)
     config = TrainConfig.from_dict(state["config"])
-    vae = build_vae(config, state["input_dim"], state.get("num_classes") or None).to(dev)
+    vae = build_vae(config.model, state["input_dim"], state.get("num_classes") or None).to(dev)
     try:
         vae.load_state_dict(state["model"])
     except RuntimeError as e:

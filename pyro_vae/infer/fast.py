@@ -5,7 +5,7 @@ every step: it traces the guide, replays the model, walks the messenger stack,
 registers every parameter with ``pyro.module``, validates sites and
 distribution arguments, and (``Trace_ELBO``, ``TraceMeanField_ELBO``) calls
 ``.item()`` -- a host sync on a GPU.  For the library's own
-:class:`~pyro_vae.vae.VAE` that structure is fixed: one latent site ``z`` from
+:class:`~pyro_vae.models.vae.VAE` that structure is fixed: one latent site ``z`` from
 ``vae.prior(B, c)`` / ``vae.encoder(x, c)``, one observed site ``x`` from
 ``vae.decoder(z, c)``, one data plate, the latent site scaled by
 ``vae.kl_scale`` in both programs.  :class:`DirectLoss` computes the estimator
@@ -38,7 +38,7 @@ weights the same way, for K = 5000 evaluation.
 
 The model/guide pair stays the single source of truth: :func:`make_loss_fn`
 uses the direct loss only for ``VAE`` itself (not a subclass that overrides
-``model`` or ``guide``), for the estimators of :func:`~pyro_vae.objectives.make_elbo`,
+``model`` or ``guide``), for the estimators of :func:`~pyro_vae.infer.objectives.make_elbo`,
 and only after :func:`check_direct_loss` has shown on a probe batch that it
 gives the Pyro estimator's loss *and* gradients from the same draws; otherwise
 it warns and returns the Pyro estimator's ``differentiable_loss``.
@@ -57,11 +57,11 @@ import pyro
 from pyro.distributions.kl import kl_divergence
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from .decoders import BernoulliDecoder, GaussianDecoder
-from .guides import DiagonalGaussianEncoder
-from .objectives import DifferentiableRenyiELBO
-from .priors import StandardNormalPrior
-from .vae import VAE
+from pyro_vae.models.decoders import BernoulliDecoder, GaussianDecoder
+from pyro_vae.models.guides import DiagonalGaussianEncoder
+from pyro_vae.infer.objectives import DifferentiableRenyiELBO
+from pyro_vae.models.priors import StandardNormalPrior
+from pyro_vae.models.vae import VAE
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -308,7 +308,7 @@ def direct_log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
     true model (``kl_scale`` ignored), from the fast parts; ``None`` when ``vae`` has none.
 
     The same draws and floats as tracing the guide under a particle plate and replaying the
-    model (``pyro_vae.importance``), without the traces and without the distribution objects:
+    model (``pyro_vae.evaluation.importance``), without the traces and without the distribution objects:
     the prior's log-density of N(0, I) and the likelihood's negation after the pixel sum save
     full-size tensor ops, which is what K = 5000 evaluation spends its time on.
     """

@@ -1,7 +1,7 @@
 """Test-set bounds side by side, from one set of importance draws per data point.
 
 For every test point, ``K`` draws ``z_k ~ q(z | x)`` give log-weights
-``log w_k = log p(x, z_k) - log q(z_k | x)`` (:mod:`pyro_vae.importance`, via
+``log w_k = log p(x, z_k) - log q(z_k | x)`` (:mod:`pyro_vae.evaluation.importance`, via
 Pyro traces, so any prior/guide/decoder works).  From the same ``(K,)`` draws:
 
 * ``log p(x)``: the IWAE estimator with all ``K`` draws, ``log (1/K) sum_k w_k``
@@ -20,7 +20,7 @@ Pyro traces, so any prior/guide/decoder works).  From the same ``(K,)`` draws:
 * the gap ``log p(x) - ELBO``, the amortized posterior gap
   ``KL(q(z|x) || p(z|x))`` of Eq. (3) / Sec. 1.8 (estimated; the estimate is
   itself slightly low because ``log p(x)`` is);
-* latent diagnostics and PSIS k-hat (:mod:`pyro_vae.diagnostics`).
+* latent diagnostics and PSIS k-hat (:mod:`pyro_vae.evaluation.diagnostics`).
 
 Every figure is reported as a mean over points with its standard error.
 """
@@ -35,9 +35,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import arviz_compat, diagnostics
-from .importance import DEFAULT_MAX_MEMORY_MB, ChunkPlan, LogWeights, iter_point_groups, plan_chunks
-from .vae import VAE
+from pyro_vae.evaluation import arviz_compat
+from pyro_vae.evaluation import diagnostics
+from pyro_vae.evaluation.importance import DEFAULT_MAX_MEMORY_MB, ChunkPlan, LogWeights, iter_point_groups, plan_chunks
+from pyro_vae.models.vae import VAE
 
 DEFAULT_PARTICLES = 5000
 DEFAULT_IWAE_KS = (1, 5, 50, 5000)
@@ -199,7 +200,7 @@ def evaluate_test_set(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
     """Bounds, latent diagnostics and k-hat over ``x`` with one pass of ``K`` draws per point.
 
     Memory stays bounded by ``options.max_memory_mb`` (see
-    :func:`pyro_vae.importance.plan_chunks`); per-point results are kept
+    :func:`pyro_vae.evaluation.importance.plan_chunks`); per-point results are kept
     (``N`` floats per figure) for standard errors, and k-hat is computed group
     by group, so the full ``(K, N)`` weight matrix never exists.
     """

@@ -1,10 +1,10 @@
 """``pyro-vae evaluate RUN_DIR`` and ``pyro-vae compare RUN_DIR...``.
 
 ``evaluate`` computes the importance-sampled test log-likelihood and every
-bound beside it (:mod:`pyro_vae.evaluation`), latent and guide diagnostics
-(:mod:`pyro_vae.diagnostics`), pictures (:mod:`pyro_vae.evaluation_plots`),
+bound beside it (:mod:`pyro_vae.evaluation.evaluator`), latent and guide diagnostics
+(:mod:`pyro_vae.evaluation.diagnostics`), pictures (:mod:`pyro_vae.evaluation.plots`),
 optionally exports posterior draws for ArviZ, and writes ``evaluation.json``
-and ``evaluation.md`` into the run (:mod:`pyro_vae.report`).  ``compare``
+and ``evaluation.md`` into the run (:mod:`pyro_vae.evaluation.report`).  ``compare``
 prints those reports side by side.
 """
 
@@ -36,9 +36,9 @@ def _non_negative_int(text: str) -> int:
 
 
 def add_parsers(sub) -> None:
-    from .cli import positive_int
-    from .evaluation import DEFAULT_IWAE_KS, DEFAULT_PARTICLES, DEFAULT_RENYI_ALPHAS
-    from .importance import DEFAULT_MAX_MEMORY_MB
+    from pyro_vae.cli.arguments import positive_int
+    from pyro_vae.evaluation.evaluator import DEFAULT_IWAE_KS, DEFAULT_PARTICLES, DEFAULT_RENYI_ALPHAS
+    from pyro_vae.evaluation.importance import DEFAULT_MAX_MEMORY_MB
 
     p = sub.add_parser("evaluate", help="test log-likelihood, bounds, diagnostics, pictures and a report")
     p.add_argument("run_dir")
@@ -83,11 +83,11 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import pyro
 
-    from .diagnostics import export_posterior
-    from .evaluation import EvaluationOptions, evaluate_test_set
-    from .importance import module_device
-    from .report import package_versions, write_report
-    from .runs import load_run
+    from pyro_vae.evaluation.diagnostics import export_posterior
+    from pyro_vae.evaluation.evaluator import EvaluationOptions, evaluate_test_set
+    from pyro_vae.evaluation.importance import module_device
+    from pyro_vae.evaluation.report import package_versions, write_report
+    from pyro_vae.train.runs import load_run
 
     t_start = time.perf_counter()
     run = load_run(args.run_dir, args.device)
@@ -97,7 +97,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     n = min(args.num_points or n_total, n_total)
     x = data.test[:n].to(device)
     labels = None if data.test_labels is None else data.test_labels[:n].to(device)
-    y = labels if run.config.conditional else None
+    y = labels if run.config.model.conditional else None
     run.vae.decoder.check_data(x, f"{data.name} test data")
     if args.export_posterior:
         bad = [i for i in args.export_posterior if i >= n]
@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "run_dir": str(run.run_dir),
         "test_set": {"name": data.name, "split": "test", "num_points": n, "subset": n < n_total},
-        "config": {k: getattr(run.config, k) for k in ("data", "objective", "particles", "alpha", "prior", "guide",
+        "config": {k: run.config.to_flat()[k] for k in ("data", "objective", "particles", "alpha", "prior", "guide",
                                                         "decoder", "latent_dim", "hidden", "beta", "epochs")},
         "checkpoint_epoch": run.state.get("epoch"),  # epochs behind the evaluated (best) checkpoint
         "seed": args.seed,
@@ -148,9 +148,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def write_pictures(run, data, evaluation, x: torch.Tensor, labels: torch.Tensor | None,
                    args: argparse.Namespace) -> dict[str, Path]:
-    """All evaluation pictures into the run directory (see :mod:`pyro_vae.evaluation_plots`)."""
-    from . import evaluation_plots as plots
-    from .pictures import write_run_pictures
+    """All evaluation pictures into the run directory (see :mod:`pyro_vae.evaluation.plots`)."""
+    from pyro_vae.evaluation import plots as plots
+    from pyro_vae.evaluation.pictures import write_run_pictures
 
     out = run.run_dir
     written = write_run_pictures(run.run_dir, data_dir=args.data_dir, device=args.device, seed=args.seed)
@@ -159,7 +159,7 @@ def write_pictures(run, data, evaluation, x: torch.Tensor, labels: torch.Tensor 
     if len(evaluation.latent.event_shape) == 1:  # not for (n, k) one-hot codes of categorical latents
         ranked = evaluation.latent.ranked_dimensions()[:TRAVERSAL_DIMS]
         score = evaluation.latent.kl_per_dim or evaluation.latent.activity
-        y0 = labels[0] if run.config.conditional else None
+        y0 = labels[0] if run.config.model.conditional else None
         mean0 = evaluation.guide_means[0].to(device=x.device, dtype=x.dtype)
         pictures["latent_traversals"] = plots.plot_latent_traversals(
             run.vae, mean0, ranked, out / plots.TRAVERSALS, run.image_shape or data.image_shape, y=y0,
@@ -173,7 +173,7 @@ def write_pictures(run, data, evaluation, x: torch.Tensor, labels: torch.Tensor 
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    from .report import fmt_estimate
+    from pyro_vae.evaluation.report import fmt_estimate
 
     res = report["results"]
     print(f"{report['test_set']['name']} test set, {res['num_points']} points, K={res['num_particles']}, "
@@ -196,7 +196,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .report import compare_runs
+    from pyro_vae.evaluation.report import compare_runs
 
     print(compare_runs(args.run_dirs))
     return 0

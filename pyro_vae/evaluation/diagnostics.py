@@ -27,9 +27,9 @@ import torch
 import pyro.distributions as dist
 from pyro.distributions.kl import kl_divergence
 
-from . import arviz_compat
-from .importance import is_random_site, log_weights_from_traces, module_device, trace_with_particles
-from .vae import LATENT_SITE, VAE
+from pyro_vae.evaluation import arviz_compat
+from pyro_vae.evaluation.importance import is_random_site, log_weights_from_traces, module_device, trace_with_particles
+from pyro_vae.models.vae import LATENT_SITE, VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 MC_MEAN_SAMPLES = 100

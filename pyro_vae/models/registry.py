@@ -1,6 +1,6 @@
 """Build a VAE from part names: the registries behind ``--prior``, ``--guide`` and ``--decoder``.
 
-Each registry maps a name to a builder taking the :class:`~pyro_vae.config.TrainConfig`
+Each registry maps a name to a builder taking the :class:`~pyro_vae.train.config.ModelConfig`
 and the data sizes; prior builders also get the already-built encoder (the
 VampPrior is a mixture of the guide).  A new part is one builder function and
 one entry here.  See ``docs/parts.md`` for what each part is and which
@@ -11,22 +11,22 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import TrainConfig
-from .decoders import (BernoulliDecoder, ContinuousBernoulliDecoder, Decoder, GaussianDecoder,
+from pyro_vae.models.config import ModelConfig
+from pyro_vae.models.decoders import (BernoulliDecoder, ContinuousBernoulliDecoder, Decoder, GaussianDecoder,
                        PixelScaleGaussianDecoder)
-from .discrete import (CategoricalLatentDecoder, RelaxedCategoricalEncoder, RelaxedCategoricalPrior,
+from pyro_vae.models.discrete import (CategoricalLatentDecoder, RelaxedCategoricalEncoder, RelaxedCategoricalPrior,
                        TemperatureSchedule)
-from .flows import FlowPrior, IAFEncoder
-from .guides import DiagonalGaussianEncoder, Encoder, FullCovarianceEncoder, LowRankGaussianEncoder
-from .priors import LearnedNormalPrior, MixtureOfGaussiansPrior, Prior, StandardNormalPrior, VampPrior
-from .vae import VAE
+from pyro_vae.models.flows import FlowPrior, IAFEncoder
+from pyro_vae.models.guides import DiagonalGaussianEncoder, Encoder, FullCovarianceEncoder, LowRankGaussianEncoder
+from pyro_vae.models.priors import LearnedNormalPrior, MixtureOfGaussiansPrior, Prior, StandardNormalPrior, VampPrior
+from pyro_vae.models.vae import VAE
 
-PriorBuilder = Callable[[TrainConfig, int, int, Encoder], Prior]
-EncoderBuilder = Callable[[TrainConfig, int, int], Encoder]
-DecoderBuilder = Callable[[TrainConfig, int, int], Decoder]
+PriorBuilder = Callable[[ModelConfig, int, int, Encoder], Prior]
+EncoderBuilder = Callable[[ModelConfig, int, int], Encoder]
+DecoderBuilder = Callable[[ModelConfig, int, int], Decoder]
 
 
-def _schedule(c: TrainConfig) -> TemperatureSchedule:
+def _schedule(c: ModelConfig) -> TemperatureSchedule:
     return TemperatureSchedule(c.temperature, c.temperature_min, c.temperature_anneal)
 
 
@@ -71,7 +71,7 @@ def _lookup(registry: dict, kind: str, name: str):
         raise ValueError(f"unknown {kind} {name!r}; expected one of {', '.join(registry)}") from None
 
 
-def _check_pairing(config: TrainConfig) -> None:
+def _check_pairing(config: ModelConfig) -> None:
     discrete_prior, discrete_guide = config.prior == DISCRETE, config.guide == DISCRETE
     if discrete_prior != discrete_guide:
         raise ValueError(
@@ -80,16 +80,19 @@ def _check_pairing(config: TrainConfig) -> None:
         )
 
 
-def build_vae(config: TrainConfig, input_dim: int, num_classes: int | None = None) -> VAE:
+def build_vae(config: ModelConfig, input_dim: int, num_classes: int | None = None) -> VAE:
     """Assemble prior, encoder and decoder named in ``config`` for ``input_dim`` features.
+
+    ``config`` is a :class:`ModelConfig`, or a training config whose ``model`` is one.
 
     ``num_classes`` is used only when ``config.conditional`` is set.  The encoder
     is built first and handed to the prior builder.
     """
+    config = getattr(config, "model", config)
     k = 0
     if config.conditional:
         if not num_classes:
-            raise ValueError(f"--conditional needs a labelled data set; {config.data!r} has no labels")
+            raise ValueError("--conditional needs a labelled data set; this one has no labels")
         k = num_classes
     _check_pairing(config)
     encoder = _lookup(GUIDES, "guide", config.guide)(config, input_dim, k)

@@ -5,7 +5,7 @@ away; test log-likelihoods and per-point diagnostics need one weight per data
 point *and* per particle.  :func:`log_weights` runs the guide under a particle
 plate, replays the model against it, and keeps each site's log-density per
 data point, so it works for any prior, guide and decoder that follows the
-model/guide contract of :mod:`pyro_vae.vae`.
+model/guide contract of :mod:`pyro_vae.models.vae`.
 
 The importance-sampled log-likelihood (the IWAE estimator of Sec. 1.10,
 Burda et al. 2015) is ``log (1/K) sum_k p(x, z_k) / q(z_k | x)``.  With
@@ -33,7 +33,7 @@ import pyro
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from .vae import VAE
+from pyro_vae.models.vae import VAE
 
 PARTICLE_PLATE = "_particles"
 DEFAULT_MAX_MEMORY_MB = 512.0

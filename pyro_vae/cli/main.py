@@ -7,62 +7,59 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__, evaluation_commands
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import TrainConfig, load_toml
-from .data import DATASET_NAMES, DataError
-from .decoders import DataDomainError
-from .objectives import OBJECTIVES
-from .parts import DECODERS, GUIDES, PRIORS
-from .training import CHECKPOINT, TrainingDiverged, train
+from pyro_vae import __version__
+from pyro_vae.cli import evaluate as evaluation_commands
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
+from pyro_vae.train.config import TrainConfig, load_toml
+from pyro_vae.cli.arguments import positive_int
+from pyro_vae.data import DATASET_NAMES, DataError
+from pyro_vae.models.decoders import DataDomainError
+from pyro_vae.infer.objectives import OBJECTIVES
+from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS
+from pyro_vae.train.trainer import CHECKPOINT, TrainingDiverged, train
 
 USER_ERRORS = (ValueError, CheckpointError, DataError, DataDomainError, TrainingDiverged, FileNotFoundError)
 
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # unset flags stay absent, so a config file can supply them
     d = TrainConfig()
+    m = d.model
     g = p.add_argument_group("data")
     g.add_argument("--data", default=S, help=f"data set: {', '.join(DATASET_NAMES)}, or a .npy/.npz path "
                                               f"(default {d.data})")
     g.add_argument("--data-dir", default=S, help="folder with data files (default: $PYRO_VAE_DATA, "
                                                  "else the user cache)")
     g = p.add_argument_group("model")
-    g.add_argument("--prior", default=S, choices=list(PRIORS), help=f"default {d.prior}")
-    g.add_argument("--guide", default=S, choices=list(GUIDES), help=f"default {d.guide}")
-    g.add_argument("--decoder", default=S, choices=list(DECODERS), help=f"default {d.decoder}")
-    g.add_argument("--latent-dim", type=positive_int, default=S, help=f"default {d.latent_dim}")
+    g.add_argument("--prior", default=S, choices=list(PRIORS), help=f"default {m.prior}")
+    g.add_argument("--guide", default=S, choices=list(GUIDES), help=f"default {m.guide}")
+    g.add_argument("--decoder", default=S, choices=list(DECODERS), help=f"default {m.decoder}")
+    g.add_argument("--latent-dim", type=positive_int, default=S, help=f"default {m.latent_dim}")
     g.add_argument("--hidden", type=positive_int, nargs="+", default=S,
-                   help=f"encoder hidden sizes; the decoder mirrors them (default {' '.join(map(str, d.hidden))})")
-    g.add_argument("--activation", default=S, help=f"default {d.activation}")
-    g.add_argument("--sigma-x", type=float, default=S, help=f"Gaussian decoder scale (default {d.sigma_x})")
+                   help=f"encoder hidden sizes; the decoder mirrors them (default {' '.join(map(str, m.hidden))})")
+    g.add_argument("--activation", default=S, help=f"default {m.activation}")
+    g.add_argument("--sigma-x", type=float, default=S, help=f"Gaussian decoder scale (default {m.sigma_x})")
     g.add_argument("--conditional", action="store_true", default=S, help="condition on labels (cVAE)")
     g.add_argument("--mixture-components", type=positive_int, default=S,
-                   help=f"components of --prior mixture (default {d.mixture_components})")
+                   help=f"components of --prior mixture (default {m.mixture_components})")
     g.add_argument("--pseudo-inputs", type=positive_int, default=S,
-                   help=f"pseudo-inputs of --prior vamp (default {d.pseudo_inputs})")
+                   help=f"pseudo-inputs of --prior vamp (default {m.pseudo_inputs})")
     g.add_argument("--flow-steps", type=positive_int, default=S,
-                   help=f"autoregressive steps of --prior flow and --guide iaf (default {d.flow_steps})")
+                   help=f"autoregressive steps of --prior flow and --guide iaf (default {m.flow_steps})")
     g.add_argument("--flow-hidden", type=positive_int, default=S,
-                   help=f"hidden units per autoregressive network, >= latent dim (default {d.flow_hidden})")
+                   help=f"hidden units per autoregressive network, >= latent dim (default {m.flow_hidden})")
     g.add_argument("--guide-rank", type=positive_int, default=S,
-                   help=f"covariance rank of --guide lowrank (default {d.guide_rank})")
+                   help=f"covariance rank of --guide lowrank (default {m.guide_rank})")
     g.add_argument("--num-categories", type=int, default=S,
                    help="categories per latent of --prior/--guide categorical; --latent-dim is then the "
-                        f"number of categorical latents (default {d.num_categories})")
+                        f"number of categorical latents (default {m.num_categories})")
     g.add_argument("--temperature", type=float, default=S,
-                   help=f"initial Gumbel-Softmax temperature (default {d.temperature})")
+                   help=f"initial Gumbel-Softmax temperature (default {m.temperature})")
     g.add_argument("--temperature-min", type=float, default=S,
-                   help=f"floor of the annealed temperature (default {d.temperature_min})")
+                   help=f"floor of the annealed temperature (default {m.temperature_min})")
     g.add_argument("--temperature-anneal", type=float, default=S,
-                   help=f"exponential temperature decay rate per epoch (default {d.temperature_anneal})")
+                   help=f"exponential temperature decay rate per epoch (default {m.temperature_anneal})")
     g.add_argument("--straight-through", action="store_true", default=S,
                    help="hard one-hot latents forward, relaxed gradients backward")
     g = p.add_argument_group("objective")
@@ -114,13 +111,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     if args.resume:
         state = load_checkpoint(Path(args.resume) / CHECKPOINT)
-        base = state["config"]
+        base = TrainConfig.from_dict(state["config"]).to_flat()
         flags["run_dir"] = args.resume
     else:
-        base = TrainConfig().to_dict()
+        base = TrainConfig().to_flat()
         if args.config:
             base.update(load_toml(args.config))
-    return TrainConfig.from_dict({**base, **flags})
+    return TrainConfig.from_flat({**base, **flags})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -130,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"interrupted; continue with: pyro-vae train --resume {run_dir}")
         return 130
-    from .pictures import write_run_pictures
+    from pyro_vae.evaluation.pictures import write_run_pictures
 
     pictures = write_run_pictures(run_dir)
     last = result.history[-1] if result.history else None
@@ -145,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .pictures import write_run_pictures
+    from pyro_vae.evaluation.pictures import write_run_pictures
 
     for path in write_run_pictures(args.run_dir, out_dir=args.out, num=args.num, data_dir=args.data_dir,
                                    device=args.device, seed=args.seed):

@@ -25,9 +25,9 @@ from torch import nn
 import pyro
 from pyro import poutine
 
-from .decoders import Decoder
-from .guides import Encoder
-from .priors import Prior
+from pyro_vae.models.decoders import Decoder
+from pyro_vae.models.guides import Encoder
+from pyro_vae.models.priors import Prior
 
 LATENT_SITE = "z"
 OBSERVED_SITE = "x"

@@ -26,14 +26,14 @@ from tqdm.auto import tqdm
 
 import pyro
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import Dataset, load_dataset
-from .fast_step import make_loss_fn, make_optimizer
-from .objectives import analytic_kl_sites, make_elbo, warn_about_monte_carlo_kl
-from .parts import build_vae
-from .schedules import kl_scale_at
-from .vae import VAE
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.data import Dataset, load_dataset
+from pyro_vae.infer.fast import make_loss_fn, make_optimizer
+from pyro_vae.infer.objectives import analytic_kl_sites, make_elbo, warn_about_monte_carlo_kl
+from pyro_vae.models.registry import build_vae
+from pyro_vae.train.schedules import kl_scale_at
+from pyro_vae.models.vae import VAE
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -143,12 +143,12 @@ class Trainer:
         self.dataset = dataset if dataset is not None else load_dataset(config.data, config.data_dir)
         pyro.set_rng_seed(config.seed)
         pyro.clear_param_store()
-        self.vae = build_vae(config, self.dataset.num_features, self.dataset.num_classes).to(self.device)
+        self.vae = build_vae(config.model, self.dataset.num_features, self.dataset.num_classes).to(self.device)
         self.x_train = self.dataset.train.to(self.device)
         self.x_valid = self.dataset.valid.to(self.device)
         for what, x in (("training data", self.x_train), ("validation data", self.x_valid)):
             self.vae.decoder.check_data(x, f"{self.dataset.name} {what}")
-        labels = config.conditional
+        labels = config.model.conditional
         self.y_train = self.dataset.train_labels.to(self.device) if labels else None
         self.y_valid = self.dataset.valid_labels.to(self.device) if labels else None
         self.elbo = make_elbo(config.objective, config.particles, config.alpha)
@@ -333,12 +333,12 @@ class Trainer:
         shaping = ("prior", "guide", "decoder", "latent_dim", "hidden", "activation", "conditional", "objective",
                    "particles", "alpha", "data", "seed", "batch_size", "mixture_components", "pseudo_inputs",
                    "flow_steps", "flow_hidden", "guide_rank", "num_categories", "straight_through")
-        saved = state["config"]
-        changed = [k for k in shaping if saved.get(k) != getattr(self.config, k)]
+        saved, now = TrainConfig.from_dict(state["config"]).to_flat(), self.config.to_flat()
+        changed = [k for k in shaping if saved.get(k) != now.get(k)]
         if changed:
             raise CheckpointError(
                 "cannot resume with a different " + ", ".join(
-                    f"{k} (checkpoint {saved.get(k)!r}, now {getattr(self.config, k)!r})" for k in changed)
+                    f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in changed)
             )
 
 

@@ -1,6 +1,6 @@
 """Pictures of an evaluation (PNG, matplotlib): latent map, latent traversals, training
 curves and the k-hat histogram; reconstructions and prior samples come from
-:func:`pyro_vae.pictures.write_run_pictures`."""
+:func:`pyro_vae.evaluation.pictures.write_run_pictures`."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .diagnostics import KHAT_BAD, KHAT_GOOD  # noqa: E402
-from .plotting import save_image_grid  # noqa: E402
-from .vae import VAE  # noqa: E402
+from pyro_vae.evaluation.diagnostics import KHAT_BAD, KHAT_GOOD  # noqa: E402
+from pyro_vae.evaluation.images import save_image_grid  # noqa: E402
+from pyro_vae.models.vae import VAE  # noqa: E402
 
 LATENT_MAP = "latent_map.png"
 TRAVERSALS = "latent_traversals.png"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .plotting import save_image_grid, save_reconstructions
-from .runs import load_run
+from pyro_vae.evaluation.images import save_image_grid, save_reconstructions
+from pyro_vae.train.runs import load_run
 
 
 def write_run_pictures(run_dir: str | Path, out_dir: str | Path | None = None, num: int = 100,

@@ -16,8 +16,8 @@ from torch import nn
 
 import pyro.distributions as dist
 
-from .guides import concat_condition
-from .networks import mlp
+from pyro_vae.models.guides import concat_condition
+from pyro_vae.models.networks import mlp
 
 
 class DataDomainError(ValueError):

@@ -38,12 +38,12 @@ from torch.distributions.utils import clamp_probs
 
 import pyro.distributions as dist
 
-from .decoders import Decoder
-from .guides import Encoder, concat_condition
-from .networks import mlp
-from .priors import Prior
+from pyro_vae.models.decoders import Decoder
+from pyro_vae.models.guides import Encoder, concat_condition
+from pyro_vae.models.networks import mlp
+from pyro_vae.models.priors import Prior
 
-MIN_TEMPERATURE = 0.1
+from pyro_vae.models.config import MIN_TEMPERATURE
 
 
 class ClampedRelaxedOneHotCategorical(dist.RelaxedOneHotCategorical):

@@ -4,7 +4,7 @@ Each function implements one numbered equation of ``shared/seeds`` ("Variational
 Autoencoder - Derivations & Proofs", referred to below as *the derivations*) in
 plain torch, so it can be read beside the paper and checked numerically against
 Pyro's own distributions and estimators (``tests/test_equations.py``).  The Pyro
-model/guide pair in :mod:`pyro_vae.vae` never calls these on its hot path: Pyro
+model/guide pair in :mod:`pyro_vae.models.vae` never calls these on its hot path: Pyro
 computes the same quantities from traces.  They are the reference the library is
 tested against, and the vocabulary of the evaluation code.
 

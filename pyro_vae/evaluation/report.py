@@ -24,8 +24,8 @@ def package_versions() -> dict[str, str | None]:
     import pyro
     import torch
 
-    from . import __version__
-    from .arviz_compat import arviz_version
+    from pyro_vae import __version__
+    from pyro_vae.evaluation.arviz_compat import arviz_version
 
     return {"pyro_vae": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "pyro-ppl": pyro.__version__, "numpy": numpy.__version__, "arviz": arviz_version()}

@@ -1,0 +1,107 @@
+"""What the model is: parts by name (or import path), sizes and part options.
+
+Kept apart from :class:`~pyro_vae.train.config.TrainConfig` (objective,
+optimisation, data, output), so the same model description builds the model
+for training, evaluation and sampling.  Part names are looked up in
+:mod:`pyro_vae.models.registry`; a name with a colon (``package.module:Name``)
+is an import path to a user's part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Coldest Gumbel-Softmax temperature: colder relaxed samples underflow to exact one-hots
+#: (pyro issue #3304) and their gradients explode.
+MIN_TEMPERATURE = 0.1
+
+
+@dataclass
+class ModelConfig:
+    # parts by name (see pyro_vae.models.registry) or import path "package.module:Name"
+    prior: str = "normal"
+    guide: str = "diagonal"
+    decoder: str = "bernoulli"
+    latent_dim: int = 20
+    hidden: list[int] = field(default_factory=lambda: [400])
+    activation: str = "relu"
+    sigma_x: float = 0.1
+    conditional: bool = False
+    # options of particular parts (see docs/parts.md)
+    mixture_components: int = 10  # --prior mixture: number of Gaussian components
+    pseudo_inputs: int = 100  # --prior vamp: number of learnable pseudo-inputs K
+    flow_steps: int = 2  # --prior flow / --guide iaf: number of autoregressive steps
+    flow_hidden: int = 128  # hidden units of each autoregressive network (and the IAF context size)
+    guide_rank: int = 2  # --guide lowrank: rank of the covariance factor
+    num_categories: int = 10  # --prior/--guide categorical: categories per latent (latent_dim = number of latents)
+    temperature: float = 1.0  # Gumbel-Softmax temperature at the first step
+    temperature_min: float = 0.5  # the temperature never anneals below this
+    temperature_anneal: float = 0.1  # exponential decay rate of the temperature per epoch
+    straight_through: bool = False  # hard one-hot samples forward, relaxed gradients backward
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """Build and validate, rejecting unknown keys with the list of valid ones."""
+        unknown = sorted(set(values) - cls.field_names())
+        if unknown:
+            raise ValueError(f"unknown model option(s) {', '.join(unknown)}; valid ones are "
+                             f"{', '.join(sorted(cls.field_names()))}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+    def validate(self) -> None:
+        """Check ranges that would otherwise fail deep inside model construction."""
+        counts = {"latent_dim": self.latent_dim, "mixture_components": self.mixture_components,
+                  "pseudo_inputs": self.pseudo_inputs, "flow_steps": self.flow_steps,
+                  "flow_hidden": self.flow_hidden, "guide_rank": self.guide_rank}
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.hidden, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
+                                                    for h in self.hidden):
+            raise ValueError(f"hidden sizes must be a list of positive integers, got {self.hidden!r}")
+        for name in ("prior", "guide", "decoder", "activation"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a name, got {getattr(self, name)!r}")
+        if not (isinstance(self.sigma_x, (int, float)) and math.isfinite(self.sigma_x) and self.sigma_x > 0):
+            raise ValueError(f"sigma_x must be a positive finite number, got {self.sigma_x!r}")
+        if self.guide == "lowrank" and self.guide_rank > self.latent_dim:
+            raise ValueError(f"guide_rank must be at most latent_dim={self.latent_dim}, got {self.guide_rank!r} "
+                             "(use --guide full for a full covariance)")
+        if (self.prior == "flow" or self.guide == "iaf") and self.flow_hidden < self.latent_dim:
+            raise ValueError(f"flow_hidden must be at least latent_dim={self.latent_dim} (an autoregressive "
+                             f"network needs as many hidden units as inputs), got {self.flow_hidden!r}")
+        if isinstance(self.num_categories, bool) or not isinstance(self.num_categories, int) \
+                or self.num_categories < 2:
+            raise ValueError(f"num_categories must be an integer >= 2, got {self.num_categories!r}")
+        for name in ("temperature", "temperature_min", "temperature_anneal"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not self.temperature_min >= MIN_TEMPERATURE:
+            raise ValueError(f"temperature_min must be >= {MIN_TEMPERATURE}: colder relaxed samples underflow "
+                             "to exact one-hots (pyro issue #3304) and their gradients explode; "
+                             f"got {self.temperature_min!r}")
+        if not self.temperature >= self.temperature_min:
+            raise ValueError(f"temperature must be >= temperature_min={self.temperature_min}, "
+                             f"got {self.temperature!r}")
+        if not self.temperature_anneal >= 0:
+            raise ValueError(f"temperature_anneal must be >= 0 (0 keeps the temperature fixed), "
+                             f"got {self.temperature_anneal!r}")
+        for name in ("conditional", "straight_through"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
