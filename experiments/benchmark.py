@@ -72,6 +72,7 @@ from pyro_vae.data import Dataset, load_dataset  # noqa: E402
 from pyro_vae.infer.fast import direct_log_weights  # noqa: E402
 from pyro_vae.infer.objectives import make_elbo  # noqa: E402
 from pyro_vae.models.registry import build_vae  # noqa: E402
+from pyro_vae.infer.scale import latent_scale  # noqa: E402
 from pyro_vae.train.schedules import kl_scale_at  # noqa: E402
 from pyro_vae.train.trainer import Trainer  # noqa: E402
 
@@ -185,9 +186,9 @@ def pyro_vae_side(trainer: Trainer) -> Side:
 
     def step() -> torch.Tensor:
         xb = stream.next()
-        vae.kl_scale = kl_scale_at(state["step"], cfg.beta, 0)
         vae.set_progress(state["step"], stream.batches)
-        loss = trainer.loss_fn(vae.model, vae.guide, xb, None) / xb.shape[0]
+        with latent_scale(scale=kl_scale_at(state["step"], cfg.beta, 0)):
+            loss = trainer.loss_fn(vae.model, vae.guide, xb, None) / xb.shape[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import pyro
+
+from pyro_vae.infer.scale import latent_scale
 import pyro.distributions as dist
 from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO
 
@@ -130,14 +132,15 @@ def test_direct_loss_equals_pyro_on_the_same_draws(part, objective, fast_parts):
     direct = DirectLoss(make_elbo(objective, k, alpha), vae, fast_parts=fast_parts)
     assert direct.fast_parts == fast_parts
     for kl_scale in (1.0, 0.3):
-        vae.kl_scale = kl_scale
-        pyro.set_rng_seed(7)
-        expected = pyro_loss(objective, vae, x, y)
-        pyro.set_rng_seed(7)
-        got = direct(vae.model, vae.guide, x, y)
-        assert value(got) == pytest.approx(value(expected), rel=1e-6, abs=1e-5), kl_scale
-        pyro.set_rng_seed(7)
-        expected_grads = grads(make_elbo(objective, k, alpha).differentiable_loss(vae.model, vae.guide, x, y), vae)
+        with latent_scale(scale=kl_scale):
+            pyro.set_rng_seed(7)
+            expected = pyro_loss(objective, vae, x, y)
+            pyro.set_rng_seed(7)
+            got = direct(vae.model, vae.guide, x, y)
+            assert value(got) == pytest.approx(value(expected), rel=1e-6, abs=1e-5), kl_scale
+            pyro.set_rng_seed(7)
+            expected_grads = grads(make_elbo(objective, k, alpha).differentiable_loss(vae.model, vae.guide, x, y),
+                                   vae)
         assert_grads_close(grads(got, vae), expected_grads)
 
 
@@ -146,9 +149,9 @@ def test_kl_scale_changes_the_loss_so_the_comparison_can_fail():
     direct = DirectLoss(make_elbo("trace"), vae)
     losses = []
     for kl_scale in (1.0, 0.3):
-        vae.kl_scale = kl_scale
         pyro.set_rng_seed(7)
-        losses.append(value(direct(vae.model, vae.guide, x, y)))
+        with latent_scale(scale=kl_scale):
+            losses.append(value(direct(vae.model, vae.guide, x, y)))
     assert abs(losses[0] - losses[1]) > 1e-2
 
 
@@ -228,14 +231,12 @@ def test_a_wrong_direct_loss_falls_back_to_pyro_with_a_warning(monkeypatch):
         assert make_loss_fn(elbo, vae, x) == elbo.differentiable_loss
 
 
-def test_the_check_leaves_rng_kl_scale_and_gradients_untouched():
+def test_the_check_leaves_rng_and_gradients_untouched():
     vae, x, _ = make_case("bernoulli")
-    vae.kl_scale = 0.7
     torch.manual_seed(5)
     before = torch.get_rng_state()
     assert isinstance(make_loss_fn(make_elbo("iwae", 5), vae, x), DirectLoss)
     assert torch.equal(torch.get_rng_state(), before)
-    assert vae.kl_scale == 0.7
     assert all(p.grad is None for p in vae.parameters())
 
 
@@ -258,7 +259,6 @@ def test_the_direct_loss_never_syncs_with_the_host(monkeypatch):
 def test_direct_log_weights_equal_the_traced_ones(part):
     """The object-free importance weights (for K = 5000 evaluation) are pyro_vae.evaluation.importance's, to the bit."""
     vae, x, y = make_case(part)
-    vae.kl_scale = 0.3  # evaluation weighs the true model whatever the training scale
     for k in (1, 6):
         pyro.set_rng_seed(2)
         expected = importance.log_weights(vae, x, y, k)

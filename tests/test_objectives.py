@@ -83,12 +83,13 @@ def test_meanfield_loss_is_reconstruction_minus_closed_form_kl_on_the_same_draw(
     pyro.set_rng_seed(0)
     from pyro_vae.train.config import TrainConfig
     from pyro_vae.models.registry import build_vae
+    from pyro_vae.infer.scale import latent_scale
 
     vae = build_vae(TrainConfig.from_flat(dict(latent_dim=3, hidden=[8])), 6)
     x = torch.rand(4, 6).round()
-    vae.kl_scale = 0.3
     pyro.set_rng_seed(1)
-    loss = make_elbo("meanfield").differentiable_loss(vae.model, vae.guide, x)
+    with latent_scale(scale=0.3):
+        loss = make_elbo("meanfield").differentiable_loss(vae.model, vae.guide, x)
     loc, log_var = vae.encoder.encode(x)
     pyro.set_rng_seed(1)
     z = vae.encoder(x).rsample()

@@ -145,14 +145,23 @@ def test_kl_warmup_is_linear_then_flat_at_beta():
 
 
 def test_warmup_and_beta_reach_the_latent_site_in_model_and_guide(tmp_path, digits):
-    """poutine.scale must hit the latent site of both programs: check the scales Pyro records."""
+    """The latent scale must hit the latent site of both programs: check the scales Pyro records
+    for the traces the trainer's steps run."""
     trainer = Trainer(TrainConfig.from_flat(dict(epochs=1, beta=0.25, run_dir=str(tmp_path), **SMALL)), dataset=digits)
-    vae, x = trainer.vae, trainer.x_train[:8]
-    vae.kl_scale = 0.25
-    guide_trace = pyro.poutine.trace(vae.guide).get_trace(x)
-    model_trace = pyro.poutine.trace(pyro.poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
-    assert guide_trace.nodes["z"]["scale"] == 0.25 and model_trace.nodes["z"]["scale"] == 0.25
-    assert model_trace.nodes["x"]["scale"] == 1.0
+    vae = trainer.vae
+    seen = []
+
+    def recording_loss(model, guide, x, y=None):
+        guide_trace = pyro.poutine.trace(guide).get_trace(x, y)
+        model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(x, y)
+        seen.append((guide_trace.nodes["z"]["scale"], model_trace.nodes["z"]["scale"], model_trace.nodes["x"]["scale"]))
+        return trainer.elbo.differentiable_loss(model, guide, x, y)
+
+    trainer.loss_fn = recording_loss
+    trainer.fit()
+    assert seen and all(s == (0.25, 0.25, 1.0) for s in seen)
+    guide_trace = pyro.poutine.trace(vae.guide).get_trace(trainer.x_train[:8])
+    assert guide_trace.nodes["z"]["scale"] == 1.0  # outside the step the model is the true one
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_a_missing_one(tmp_path, digits):

@@ -60,7 +60,7 @@ class LatentSite:
 
 def latent_sites(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None) -> list[LatentSite]:
     """``q(z | x)`` and ``p(z)`` of every latent site: one guide trace, the model replayed on it
-    (one draw per point, no particle plate), at ``kl_scale = 1``."""
+    (one draw per point, no particle plate)."""
     with torch.no_grad():
         guide_trace, model_trace = trace_with_particles(vae, x, y, None)
     return [LatentSite(name, site["fn"], model_trace.nodes[name]["fn"])

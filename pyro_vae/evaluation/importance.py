@@ -63,18 +63,14 @@ def module_device(module: nn.Module) -> torch.device:
 def trace_with_particles(vae: VAE, x: torch.Tensor, y: torch.Tensor | None,
                          num_particles: int | None) -> tuple[poutine.Trace, poutine.Trace]:
     """Guide trace under a particle plate (dim -2, left of the data plate) and the
-    model replayed against it, both at ``kl_scale = 1`` (the true model, whatever
-    beta or warm-up the VAE was trained with).  ``num_particles=None``: no
+    model replayed against it: the true model, whatever beta or warm-up the VAE
+    was trained with (those scales exist only inside the trainer's step).  ``num_particles=None``: no
     particle plate, one draw per point."""
-    saved_scale, vae.kl_scale = vae.kl_scale, 1.0
     particles = contextlib.nullcontext() if num_particles is None else \
         pyro.plate(PARTICLE_PLATE, num_particles, dim=-2)
-    try:
-        with particles:
-            guide_trace = poutine.trace(vae.guide).get_trace(x, y)
-            model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x, y)
-    finally:
-        vae.kl_scale = saved_scale
+    with particles:
+        guide_trace = poutine.trace(vae.guide).get_trace(x, y)
+        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x, y)
     return guide_trace, model_trace
 
 
@@ -112,7 +108,7 @@ def log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
     Returns ``(log_w, log_likelihood, log_prior_ratio)``, each of shape
     ``(num_particles, B)``: the weight, its reconstruction part
     ``log p(x | z_k)``, and its latent part ``log p(z_k) - log q(z_k | x)``
-    (minus a one-sample KL estimate).  Evaluated at ``kl_scale = 1``.  For many
+    (minus a one-sample KL estimate), of the true model.  For many
     particles or points use :func:`iter_point_groups`, which bounds memory.
     """
     _check_particles(num_particles)

@@ -7,8 +7,8 @@ distribution arguments, and (``Trace_ELBO``, ``TraceMeanField_ELBO``) calls
 ``.item()`` -- a host sync on a GPU.  For the library's own
 :class:`~pyro_vae.models.vae.VAE` that structure is fixed: one latent site ``z`` from
 ``vae.prior(B, c)`` / ``vae.encoder(x, c)``, one observed site ``x`` from
-``vae.decoder(z, c)``, one data plate, the latent site scaled by
-``vae.kl_scale`` in both programs.  :class:`DirectLoss` computes the estimator
+``vae.decoder(z, c)``, one data plate, the latent site scaled in both
+programs by the active :func:`~pyro_vae.infer.scale.latent_scale`.  :class:`DirectLoss` computes the estimator
 straight from the parts:
 
 * the guide draw is ``q.expand((K, B)).rsample()`` for ``K`` vectorized
@@ -21,7 +21,7 @@ straight from the parts:
 * ``renyi``/``iwae``: ``-1/(1-a) sum_n [logsumexp_k((1-a) log w_nk) - log K]`` with
   ``log w = s log p(z) + log p(x|z) - s log q(z|x)``, Sec. 1.10 (Li & Turner 2016);
 
-with ``s = vae.kl_scale`` multiplying the latent site's log-densities as
+with ``s = current_latent_scale()`` multiplying the latent site's log-densities as
 ``poutine.scale`` does, and the terms added in the order Pyro adds them, so the
 floats agree too.  It never calls ``.item()`` and skips per-step argument
 validation (the one-off check below runs the validated Pyro program).
@@ -60,6 +60,7 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro_vae.models.decoders import BernoulliDecoder, GaussianDecoder
 from pyro_vae.models.guides import DiagonalGaussianEncoder
 from pyro_vae.infer.objectives import DifferentiableRenyiELBO
+from pyro_vae.infer.scale import current_latent_scale, latent_scale
 from pyro_vae.models.priors import StandardNormalPrior
 from pyro_vae.models.vae import VAE
 
@@ -67,7 +68,7 @@ LossFn = Callable[..., torch.Tensor]
 
 #: Probe batch size for the one-off equivalence check.
 PROBE_SIZE = 16
-#: ``kl_scale`` values at which the equivalence check compares the two losses.
+#: Latent scales at which the equivalence check compares the two losses.
 PROBE_KL_SCALES = (1.0, 0.3)
 #: ``torch.distributions.Normal.log_prob``'s constant, computed the way it computes it.
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
@@ -244,7 +245,7 @@ class DirectLoss:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor | None:
         """The estimator's loss (sum over the batch); ``None`` if the guide cannot rsample."""
-        vae, k, scale = self.vae, self.num_particles, self.vae.kl_scale
+        vae, k, scale = self.vae, self.num_particles, current_latent_scale()
         batch = x.shape[0]
         c = vae.condition(y)
         # Same order of part calls and draws as the guide, then the replayed model.
@@ -305,7 +306,7 @@ def _is_bound(method: Callable, owner: object, function: Callable) -> bool:
 def direct_log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Per-point, per-particle ``(log w, log p(x|z), log p(z) - log q(z|x))``, each ``(K, B)``, of the
-    true model (``kl_scale`` ignored), from the fast parts; ``None`` when ``vae`` has none.
+    true model (no latent scale), from the fast parts; ``None`` when ``vae`` has none.
 
     The same draws and floats as tracing the guide under a particle plate and replaying the
     model (``pyro_vae.evaluation.importance``), without the traces and without the distribution objects:
@@ -354,22 +355,23 @@ def check_direct_loss(direct: DirectLoss, x: torch.Tensor, y: torch.Tensor | Non
     """Raise :class:`DirectLossMismatch` unless ``direct`` gives the Pyro estimator's loss
     and gradients on ``(x, y)`` from the same RNG state, at each of ``kl_scales``.
 
-    Leaves no trace: the global RNG state, ``vae.kl_scale`` and the module's
+    Leaves no trace: the global RNG state and the module's
     buffers are restored, and gradients come from ``autograd.grad`` rather than
     being accumulated, so training continues as if the check never ran.
     """
     vae, elbo = direct.vae, direct.elbo
     params = [p for p in vae.parameters() if p.requires_grad]
     buffers = {name: b.clone() for name, b in vae.named_buffers()}
-    saved_scale, start = vae.kl_scale, _rng_states(x.device)
+    start = _rng_states(x.device)
     try:
         for scale in kl_scales:
-            vae.kl_scale = scale
             _set_rng_states(start, x.device)
-            expected, expected_grads = _loss_and_grads(
-                lambda: elbo.differentiable_loss(vae.model, vae.guide, x, y), params)
+            with latent_scale(scale=scale):
+                expected, expected_grads = _loss_and_grads(
+                    lambda: elbo.differentiable_loss(vae.model, vae.guide, x, y), params)
             _set_rng_states(start, x.device)
-            got, got_grads = _loss_and_grads(lambda: direct(vae.model, vae.guide, x, y), params)
+            with latent_scale(scale=scale):
+                got, got_grads = _loss_and_grads(lambda: direct(vae.model, vae.guide, x, y), params)
             if not torch.allclose(got, expected, rtol=rtol, atol=atol):
                 raise DirectLossMismatch(f"{direct!r} gives {float(got):.6g} but {type(elbo).__name__} gives "
                                          f"{float(expected):.6g} at kl_scale={scale}")
@@ -379,7 +381,6 @@ def check_direct_loss(direct: DirectLoss, x: torch.Tensor, y: torch.Tensor | Non
                                              f"{tuple(p.shape)} differs from {type(elbo).__name__}'s "
                                              f"at kl_scale={scale}")
     finally:
-        vae.kl_scale = saved_scale
         _set_rng_states(start, x.device)
         with torch.no_grad():
             for name, b in vae.named_buffers():

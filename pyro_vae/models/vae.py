@@ -8,22 +8,17 @@ left.  The data plate is never subsampled: its size is the batch, and scaling
 to the data set size happens outside the bound (a subsampled plate's N/B scale
 would land inside RenyiELBO's log-weights).
 
-The latent site is wrapped in ``poutine.scale(kl_scale)`` in *both* programs,
-which turns the ELBO into the beta-VAE objective of Sec. 1.10:
-``E_q[log p(x|z)] - beta * KL``.  Scaling one side alone would be a different
-(wrong) objective under ``Trace_ELBO`` and ignored by ``TraceMeanField_ELBO``,
-whose analytic KL takes the guide site's scale.
+beta-VAE and KL warm-up are not part of the model: the trainer runs the
+estimator under :func:`~pyro_vae.infer.scale.latent_scale`, which scales the
+latent site in both programs.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import nn
 
 import pyro
-from pyro import poutine
 
 from pyro_vae.models.decoders import Decoder
 from pyro_vae.models.guides import Encoder
@@ -40,8 +35,6 @@ class VAE(nn.Module):
 
     ``num_classes`` > 0 makes it conditional: the label ``y`` (int class indices,
     one-hot encoded here) enters both ``p(x | z, y)`` and ``q(z | x, y)``.
-    ``kl_scale`` is the current ``beta`` times the warm-up factor; the trainer
-    updates it between steps.
     """
 
     def __init__(self, prior: Prior, encoder: Encoder, decoder: Decoder, num_classes: int = 0,
@@ -57,7 +50,6 @@ class VAE(nn.Module):
         self.decoder = decoder
         self.num_classes = num_classes
         self.name = name
-        self.kl_scale = 1.0
 
     @property
     def latent_dim(self) -> int:
@@ -82,20 +74,12 @@ class VAE(nn.Module):
             return y
         return nn.functional.one_hot(y, self.num_classes).to(torch.get_default_dtype())
 
-    def _latent_scale(self):
-        if self.kl_scale == 1.0:
-            return contextlib.nullcontext()
-        if self.kl_scale == 0.0:  # beta = 0, or the first warm-up step: drop the latent terms
-            return poutine.mask(mask=False)
-        return poutine.scale(scale=self.kl_scale)
-
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Generative model p(x, z) = p(x | z) p(z) (Sec. 1.2)."""
         pyro.module(self.name, self)
         c = self.condition(y)
         with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):
-            with self._latent_scale():
-                z = pyro.sample(LATENT_SITE, self.prior(x.shape[0], c))
+            z = pyro.sample(LATENT_SITE, self.prior(x.shape[0], c))
             pyro.sample(OBSERVED_SITE, self.decoder(z, c), obs=x)
         return z
 
@@ -104,8 +88,7 @@ class VAE(nn.Module):
         pyro.module(self.name, self)
         c = self.condition(y)
         with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):
-            with self._latent_scale():
-                return pyro.sample(LATENT_SITE, self.encoder(x, c))
+            return pyro.sample(LATENT_SITE, self.encoder(x, c))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,6 +32,7 @@ from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.infer.fast import make_loss_fn, make_optimizer
 from pyro_vae.infer.objectives import analytic_kl_sites, make_elbo, warn_about_monte_carlo_kl
 from pyro_vae.models.registry import build_vae
+from pyro_vae.infer.scale import latent_scale
 from pyro_vae.train.schedules import kl_scale_at
 from pyro_vae.models.vae import VAE
 
@@ -113,16 +114,12 @@ class _StopFlag:
 
 @torch.no_grad()
 def evaluate_loss(vae: VAE, elbo, x: torch.Tensor, y: torch.Tensor | None, batch_size: int = 1000) -> float:
-    """Mean per-point value of ``-elbo`` over ``x`` at ``kl_scale = 1`` (nats)."""
-    saved, vae.kl_scale = vae.kl_scale, 1.0
+    """Mean per-point value of ``-elbo`` over ``x`` (nats), of the true model (no latent scale)."""
     total = 0.0
-    try:
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start:start + batch_size]
-            yb = None if y is None else y[start:start + batch_size]
-            total += float(elbo.differentiable_loss(vae.model, vae.guide, xb, yb))
-    finally:
-        vae.kl_scale = saved
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size]
+        yb = None if y is None else y[start:start + batch_size]
+        total += float(elbo.differentiable_loss(vae.model, vae.guide, xb, yb))
     return total / x.shape[0]
 
 
@@ -151,6 +148,7 @@ class Trainer:
         labels = config.model.conditional
         self.y_train = self.dataset.train_labels.to(self.device) if labels else None
         self.y_valid = self.dataset.valid_labels.to(self.device) if labels else None
+        self.steps_per_epoch = math.ceil(self.x_train.shape[0] / config.batch_size)
         self.elbo = make_elbo(config.objective, config.particles, config.alpha)
         self.valid_elbo = make_elbo("trace")
         # The seam where a faster, equivalent loss or optimizer plugs in (see docs/performance.md).
@@ -216,7 +214,7 @@ class Trainer:
         result = TrainResult(self.run_dir, self.vae, self.dataset)
         n, bsz = self.x_train.shape[0], cfg.batch_size
         batches = math.ceil(n / bsz)
-        steps_per_epoch = batches
+        steps_per_epoch = self.steps_per_epoch
         with _StopFlag() as stop:
             for epoch in range(start_epoch, cfg.epochs):
                 if start_batch and epoch_start_rng is not None:  # resuming inside an epoch
@@ -238,10 +236,11 @@ class Trainer:
                     idx = perm[b * bsz:(b + 1) * bsz]
                     xb = x_epoch[idx]
                     yb = None if self.y_train is None else self.y_train[idx]
-                    self.vae.kl_scale = kl_scale_at(step, cfg.beta, cfg.warmup_epochs * steps_per_epoch)
+                    kl_scale = kl_scale_at(step, cfg.beta, cfg.warmup_epochs * steps_per_epoch)
                     self.vae.set_progress(step, steps_per_epoch)
                     try:
-                        loss = self.loss_fn(self.vae.model, self.vae.guide, xb, yb) / xb.shape[0]
+                        with latent_scale(scale=kl_scale):
+                            loss = self.loss_fn(self.vae.model, self.vae.guide, xb, yb) / xb.shape[0]
                     except (ValueError, RuntimeError) as e:
                         # NaN parameters from an earlier, not yet checked step make distributions
                         # refuse their arguments: report the step that diverged, not this one.
@@ -302,7 +301,8 @@ class Trainer:
         row = {
             "epoch": epoch + 1, "step": step, "train_loss": train_loss,
             "valid_elbo": valid_elbo, "valid_bound": valid_bound,
-            "kl_scale": self.vae.kl_scale, "seconds": seconds,
+            "kl_scale": kl_scale_at(step, self.config.beta, self.config.warmup_epochs * self.steps_per_epoch),
+            "seconds": seconds,
             "samples_per_s": self.x_train.shape[0] / seconds if seconds > 0 else None,
         }
         self._write_metrics(row)
