@@ -62,17 +62,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import handwritten  # noqa: E402
 import pyro  # noqa: E402
 from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO  # noqa: E402
 
-import handwritten  # noqa: E402
-from pyro_vae.evaluation import importance# noqa: E402
-from pyro_vae.train.config import TrainConfig  # noqa: E402
 from pyro_vae.data import Dataset, load_dataset  # noqa: E402
+from pyro_vae.evaluation import importance  # noqa: E402
 from pyro_vae.infer.fast import direct_log_weights  # noqa: E402
 from pyro_vae.infer.objectives import make_elbo  # noqa: E402
-from pyro_vae.models.registry import build_vae  # noqa: E402
 from pyro_vae.infer.scale import latent_scale  # noqa: E402
+from pyro_vae.models.registry import build_vae  # noqa: E402
+from pyro_vae.train.config import TrainConfig  # noqa: E402
 from pyro_vae.train.schedules import kl_scale_at  # noqa: E402
 from pyro_vae.train.trainer import Trainer  # noqa: E402
 

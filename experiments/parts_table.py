@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.train.config import TrainConfig
 from pyro_vae.data import Dataset, load_dataset
+from pyro_vae.train.config import TrainConfig
 from pyro_vae.train.trainer import Trainer
 
 PRIORS = ("normal", "learned-normal", "mixture", "vamp", "flow")

@@ -10,10 +10,9 @@ as a guide makes the ELBO tight.
 
 from __future__ import annotations
 
+import pyro.distributions as dist
 import torch
 from torch import nn
-
-import pyro.distributions as dist
 
 from pyro_vae.models.decoders import Decoder
 from pyro_vae.models.guides import DiagonalGaussianEncoder, Encoder

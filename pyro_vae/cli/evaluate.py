@@ -37,7 +37,11 @@ def _non_negative_int(text: str) -> int:
 
 def add_parsers(sub) -> None:
     from pyro_vae.cli.arguments import positive_int
-    from pyro_vae.evaluation.evaluator import DEFAULT_IWAE_KS, DEFAULT_PARTICLES, DEFAULT_RENYI_ALPHAS
+    from pyro_vae.evaluation.evaluator import (
+        DEFAULT_IWAE_KS,
+        DEFAULT_PARTICLES,
+        DEFAULT_RENYI_ALPHAS,
+    )
     from pyro_vae.evaluation.importance import DEFAULT_MAX_MEMORY_MB
 
     p = sub.add_parser("evaluate", help="test log-likelihood, bounds, diagnostics, pictures and a report")

@@ -9,13 +9,13 @@ from typing import Sequence
 
 from pyro_vae import __version__
 from pyro_vae.cli import evaluate as evaluation_commands
-from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
-from pyro_vae.train.config import TrainConfig, load_toml
 from pyro_vae.cli.arguments import positive_int
 from pyro_vae.data import DATASET_NAMES, DataError
-from pyro_vae.models.decoders import DataDomainError
 from pyro_vae.infer.objectives import OBJECTIVES
+from pyro_vae.models.decoders import DataDomainError
 from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
+from pyro_vae.train.config import TrainConfig, load_toml
 from pyro_vae.train.trainer import CHECKPOINT, TrainingDiverged, train
 
 USER_ERRORS = (ValueError, CheckpointError, DataError, DataDomainError, TrainingDiverged, FileNotFoundError)

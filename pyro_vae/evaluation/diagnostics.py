@@ -22,13 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
 import pyro.distributions as dist
+import torch
 from pyro.distributions.kl import kl_divergence
 
 from pyro_vae.evaluation import arviz_compat
-from pyro_vae.evaluation.importance import is_random_site, log_weights_from_traces, module_device, trace_with_particles
+from pyro_vae.evaluation.importance import (
+    is_random_site,
+    log_weights_from_traces,
+    module_device,
+    trace_with_particles,
+)
 from pyro_vae.models.vae import LATENT_SITE, VAE
 
 ACTIVE_UNIT_THRESHOLD = 0.01

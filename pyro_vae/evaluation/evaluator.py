@@ -35,9 +35,20 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pyro_vae.evaluation import arviz_compat
-from pyro_vae.evaluation import diagnostics
-from pyro_vae.evaluation.importance import DEFAULT_MAX_MEMORY_MB, ChunkPlan, LogWeights, iter_point_groups, plan_chunks
+from pyro_vae.evaluation import arviz_compat, diagnostics
+from pyro_vae.evaluation.importance import (
+    DEFAULT_MAX_MEMORY_MB,
+    ChunkPlan,
+    LogWeights,
+    iter_point_groups,
+    plan_chunks,
+)
+from pyro_vae.infer.bounds import (
+    elbo_bound,
+    grouped_iwae_bound,
+    iwae_bound,
+    renyi_bound,
+)
 from pyro_vae.models.vae import VAE
 
 DEFAULT_PARTICLES = 5000
@@ -69,26 +80,6 @@ def summarize(per_point: torch.Tensor) -> Estimate:
 
 # -- per-point bounds from log-weights -------------------------------------------------------
 
-def log_mean_exp(a: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return torch.logsumexp(a, dim=dim) - math.log(a.shape[dim])
-
-
-def iwae_bound_grouped(log_w: torch.Tensor, k: int) -> torch.Tensor:
-    """IWAE bound with ``k`` particles per point from ``(K, B)`` log-weights, averaged
-    over the ``floor(K / k)`` disjoint groups of ``k`` draws (Burda et al. 2015)."""
-    groups = log_w.shape[0] // k
-    if groups < 1:
-        raise ValueError(f"IWAE with k={k} needs at least {k} draws per point, got {log_w.shape[0]}")
-    return log_mean_exp(log_w[:groups * k].reshape(groups, k, -1), dim=1).mean(0)
-
-
-def renyi_bound(log_w: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Renyi bound ``1/(1-alpha) log (1/K) sum_k w_k^(1-alpha)`` per point (Li & Turner 2016)."""
-    if alpha == 1:
-        raise ValueError("the Renyi bound with alpha=1 is the ELBO; choose alpha != 1")
-    return log_mean_exp((1.0 - alpha) * log_w) / (1.0 - alpha)
-
-
 def renyi_meaning(alpha: float) -> str:
     if alpha < 0:
         return "not a lower bound (alpha < 0: at least the IWAE estimate on the same draws)"
@@ -105,15 +96,15 @@ def bounds_from_log_weights(parts: LogWeights, iwae_ks: Sequence[int] = DEFAULT_
     ``reconstruction``, ``kl``, ``gap``, ``iwae_<k>`` for ``k <= K``, ``renyi_<alpha>``."""
     log_w = parts.log_weight
     out = {
-        "log_px": log_mean_exp(log_w),
-        "elbo": log_w.mean(0),
+        "log_px": iwae_bound(log_w),
+        "elbo": elbo_bound(log_w),
         "reconstruction": parts.reconstruction.mean(0),
         "kl": -parts.latent.mean(0),
     }
     out["gap"] = out["log_px"] - out["elbo"]
     for k in iwae_ks:
         if k <= log_w.shape[0]:
-            out[f"iwae_{k}"] = iwae_bound_grouped(log_w, k)
+            out[f"iwae_{k}"] = grouped_iwae_bound(log_w, k)
     for alpha in renyi_alphas:
         out[f"renyi_{float(alpha):g}"] = renyi_bound(log_w, float(alpha))
     return out

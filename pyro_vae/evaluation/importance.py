@@ -25,14 +25,14 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
+import pyro
 import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 from tqdm.auto import tqdm
 
-import pyro
-from pyro import poutine
-from pyro.poutine.util import site_is_subsample
-
+from pyro_vae.infer.bounds import StreamingLogMeanExp
 from pyro_vae.models.vae import VAE
 
 PARTICLE_PLATE = "_particles"
@@ -243,36 +243,6 @@ def _group_log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, num_pa
 
 
 # -- reductions ---------------------------------------------------------------------------
-
-class StreamingLogMeanExp:
-    """Running ``log (1/K) sum_k exp(a_k)`` per point over chunks of particles.
-
-    Keeps a running maximum and a rescaled sum per point, so the full ``(K, B)``
-    array never has to exist; the result equals ``logsumexp(a, 0) - log K``.
-    """
-
-    def __init__(self) -> None:
-        self.shift: torch.Tensor | None = None  # finite running maximum (0 where all are -inf)
-        self.sum: torch.Tensor | None = None    # sum_k exp(a_k - shift)
-        self.count = 0
-
-    def update(self, chunk: torch.Tensor) -> None:
-        """Add a ``(P, B)`` chunk of log-values."""
-        chunk_max = chunk.max(0).values
-        if self.shift is not None:
-            chunk_max = torch.maximum(self.shift, chunk_max)
-        shift = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
-        chunk_sum = (chunk - shift).exp().sum(0)
-        self.sum = chunk_sum if self.sum is None else self.sum * (self.shift - shift).exp() + chunk_sum
-        self.shift = shift
-        self.count += chunk.shape[0]
-
-    def result(self) -> torch.Tensor:
-        """``(B,)`` log-mean-exp over every particle added so far."""
-        if self.sum is None:
-            raise ValueError("no chunks were added")
-        return self.shift + self.sum.log() - math.log(self.count)
-
 
 @torch.no_grad()
 def importance_log_likelihood(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,

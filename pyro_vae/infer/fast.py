@@ -50,17 +50,17 @@ import math
 import warnings
 from typing import Any, Callable
 
+import pyro
 import torch
 import torch.nn.functional as F
-
-import pyro
 from pyro.distributions.kl import kl_divergence
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_vae.models.decoders import BernoulliDecoder, GaussianDecoder
-from pyro_vae.models.guides import DiagonalGaussianEncoder
+from pyro_vae.infer.bounds import renyi_bound
 from pyro_vae.infer.objectives import DifferentiableRenyiELBO
 from pyro_vae.infer.scale import current_latent_scale, latent_scale
+from pyro_vae.models.decoders import BernoulliDecoder, GaussianDecoder
+from pyro_vae.models.guides import DiagonalGaussianEncoder
 from pyro_vae.models.priors import StandardNormalPrior
 from pyro_vae.models.vae import VAE
 
@@ -278,8 +278,7 @@ class DirectLoss:
         log_w = log_pz + log_px - log_qz
         if k == 1:
             log_w = log_w.unsqueeze(0)
-        a = 1.0 - self.alpha
-        return -(torch.logsumexp(a * log_w, dim=0) - math.log(k)).sum() / a
+        return -renyi_bound(log_w, self.alpha).sum()
 
 
 def _analytic_kl(q, p) -> torch.Tensor | None:

@@ -14,7 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal
+from torch.distributions import (
+    Independent,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+)
 from torch.distributions.kl import register_kl
 
 LOG_2PI = math.log(2 * math.pi)

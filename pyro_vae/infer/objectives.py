@@ -16,18 +16,18 @@ Pyro defines it; callers divide by the batch size for nats per data point.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
-
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
-from pyro.poutine.util import site_is_subsample
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
+from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
+
+from pyro_vae.infer.bounds import renyi_bound
 
 OBJECTIVES = ("trace", "meanfield", "renyi", "iwae")
 DEFAULT_PARTICLES = {"trace": 1, "meanfield": 1, "renyi": 5, "iwae": 5}
@@ -69,9 +69,7 @@ class DifferentiableRenyiELBO(RenyiELBO):
             elbo_particles = particles[0]
         else:
             elbo_particles = torch.stack(particles)
-        log_weights = (1.0 - self.alpha) * elbo_particles
-        log_mean_weight = torch.logsumexp(log_weights, dim=0) - math.log(self.num_particles)
-        loss = -log_mean_weight.sum() / (1.0 - self.alpha)
+        loss = -renyi_bound(elbo_particles, self.alpha).sum()
         warn_if_nan(loss, "loss")
         return loss
 

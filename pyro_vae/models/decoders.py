@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import pyro.distributions as dist
 import torch
 from torch import nn
-
-import pyro.distributions as dist
 
 from pyro_vae.models.guides import concat_condition
 from pyro_vae.models.networks import mlp

@@ -32,18 +32,16 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
+import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions.utils import clamp_probs
 
-import pyro.distributions as dist
-
+from pyro_vae.models.config import MIN_TEMPERATURE
 from pyro_vae.models.decoders import Decoder
 from pyro_vae.models.guides import Encoder, concat_condition
 from pyro_vae.models.networks import mlp
 from pyro_vae.models.priors import Prior
-
-from pyro_vae.models.config import MIN_TEMPERATURE
 
 
 class ClampedRelaxedOneHotCategorical(dist.RelaxedOneHotCategorical):

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-from torch import nn
-
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
+import torch
 from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
+from torch import nn
 
 from pyro_vae.models.guides import Encoder, concat_condition
 from pyro_vae.models.networks import mlp

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import pyro.distributions as dist
 import torch
 from torch import nn
-
-import pyro.distributions as dist
 
 from pyro_vae.infer import kl  # noqa: F401  (registers KL(correlated Gaussian || diagonal Gaussian) for meanfield)
 from pyro_vae.models.networks import mlp

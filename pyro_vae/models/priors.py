@@ -8,10 +8,9 @@ leading vectorized particle dimension.
 
 from __future__ import annotations
 
+import pyro.distributions as dist
 import torch
 from torch import nn
-
-import pyro.distributions as dist
 
 
 class Prior(nn.Module):

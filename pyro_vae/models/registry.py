@@ -12,13 +12,33 @@ from __future__ import annotations
 from typing import Callable
 
 from pyro_vae.models.config import ModelConfig
-from pyro_vae.models.decoders import (BernoulliDecoder, ContinuousBernoulliDecoder, Decoder, GaussianDecoder,
-                       PixelScaleGaussianDecoder)
-from pyro_vae.models.discrete import (CategoricalLatentDecoder, RelaxedCategoricalEncoder, RelaxedCategoricalPrior,
-                       TemperatureSchedule)
+from pyro_vae.models.decoders import (
+    BernoulliDecoder,
+    ContinuousBernoulliDecoder,
+    Decoder,
+    GaussianDecoder,
+    PixelScaleGaussianDecoder,
+)
+from pyro_vae.models.discrete import (
+    CategoricalLatentDecoder,
+    RelaxedCategoricalEncoder,
+    RelaxedCategoricalPrior,
+    TemperatureSchedule,
+)
 from pyro_vae.models.flows import FlowPrior, IAFEncoder
-from pyro_vae.models.guides import DiagonalGaussianEncoder, Encoder, FullCovarianceEncoder, LowRankGaussianEncoder
-from pyro_vae.models.priors import LearnedNormalPrior, MixtureOfGaussiansPrior, Prior, StandardNormalPrior, VampPrior
+from pyro_vae.models.guides import (
+    DiagonalGaussianEncoder,
+    Encoder,
+    FullCovarianceEncoder,
+    LowRankGaussianEncoder,
+)
+from pyro_vae.models.priors import (
+    LearnedNormalPrior,
+    MixtureOfGaussiansPrior,
+    Prior,
+    StandardNormalPrior,
+    VampPrior,
+)
 from pyro_vae.models.vae import VAE
 
 PriorBuilder = Callable[[ModelConfig, int, int, Encoder], Prior]

@@ -15,10 +15,9 @@ latent site in both programs.
 
 from __future__ import annotations
 
+import pyro
 import torch
 from torch import nn
-
-import pyro
 
 from pyro_vae.models.decoders import Decoder
 from pyro_vae.models.guides import Encoder

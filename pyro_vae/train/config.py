@@ -9,10 +9,11 @@ every checkpoint, so a run can be rebuilt from its directory.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from pyro_vae.models.config import ModelConfig
 

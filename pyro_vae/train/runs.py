@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
-from pyro_vae.train.config import TrainConfig
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.models.registry import build_vae
-from pyro_vae.train.trainer import BEST, CHECKPOINT, resolve_device
 from pyro_vae.models.vae import VAE
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.train.trainer import BEST, CHECKPOINT, resolve_device
 
 
 @dataclass

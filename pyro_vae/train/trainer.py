@@ -21,20 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from tqdm.auto import tqdm
 
-import pyro
-
-from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pyro_vae.train.config import TrainConfig
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.infer.fast import make_loss_fn, make_optimizer
-from pyro_vae.infer.objectives import analytic_kl_sites, make_elbo, warn_about_monte_carlo_kl
-from pyro_vae.models.registry import build_vae
+from pyro_vae.infer.objectives import (
+    analytic_kl_sites,
+    make_elbo,
+    warn_about_monte_carlo_kl,
+)
 from pyro_vae.infer.scale import latent_scale
-from pyro_vae.train.schedules import kl_scale_at
+from pyro_vae.models.registry import build_vae
 from pyro_vae.models.vae import VAE
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.train.schedules import kl_scale_at
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"

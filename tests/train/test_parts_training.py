@@ -5,25 +5,19 @@ under every objective."""
 import itertools
 import warnings
 
+import pyro
 import pytest
 import torch
 
-import pyro
-
-from pyro_vae.train.config import TrainConfig
-from pyro_vae.data import load_dataset
 from pyro_vae.infer.objectives import OBJECTIVES, make_elbo
 from pyro_vae.models.registry import build_vae
+from pyro_vae.train.config import TrainConfig
 from pyro_vae.train.trainer import Trainer, evaluate_loss
 
 CONTINUOUS_PRIORS = ("normal", "learned-normal", "mixture", "vamp", "flow")
 CONTINUOUS_GUIDES = ("diagonal", "lowrank", "full", "iaf")
 ALPHA = {"renyi": 0.5}
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def tiny(**kw) -> TrainConfig:

@@ -2,18 +2,21 @@
 
 import math
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
+from linear_gaussian import LinearGaussianProblem
 from pyro.infer import RenyiELBO, Trace_ELBO
 
 from pyro_vae.infer.equations import gaussian_kl_to_standard_normal
-from pyro_vae.infer.objectives import (DifferentiableRenyiELBO, OBJECTIVES, analytic_kl_sites, make_elbo,
-                                 warn_about_monte_carlo_kl)
-
-from linear_gaussian import LinearGaussianProblem
+from pyro_vae.infer.objectives import (
+    OBJECTIVES,
+    DifferentiableRenyiELBO,
+    analytic_kl_sites,
+    make_elbo,
+    warn_about_monte_carlo_kl,
+)
 
 OBJECTIVE_ARGS = {
     "trace": dict(num_particles=1),
@@ -81,9 +84,9 @@ def test_trace_and_meanfield_agree_in_expectation(problem):
 
 def test_meanfield_loss_is_reconstruction_minus_closed_form_kl_on_the_same_draw():
     pyro.set_rng_seed(0)
-    from pyro_vae.train.config import TrainConfig
-    from pyro_vae.models.registry import build_vae
     from pyro_vae.infer.scale import latent_scale
+    from pyro_vae.models.registry import build_vae
+    from pyro_vae.train.config import TrainConfig
 
     vae = build_vae(TrainConfig.from_flat(dict(latent_dim=3, hidden=[8])), 6)
     x = torch.rand(4, 6).round()

@@ -4,23 +4,18 @@ import json
 import os
 import signal
 
+import pyro
 import pytest
 import torch
 
-import pyro
-
+from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.train.checkpoint import load_checkpoint
 from pyro_vae.train.config import TrainConfig
-from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.train.schedules import kl_scale_at
 from pyro_vae.train.trainer import Trainer, TrainingDiverged, train
 
 SMALL = dict(latent_dim=4, hidden=[32], batch_size=64, progress=False, patience=0)
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def subset(ds: Dataset, n_train: int, n_valid: int) -> Dataset:

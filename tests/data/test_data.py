@@ -29,10 +29,12 @@ from pyro_vae.data import (
     DataError,
     Dataset,
     MissingDataError,
+    download,
     load_dataset,
+    registry,
     resolve_data_dir,
+    sources,
 )
-from pyro_vae.data import download, registry, sources
 from pyro_vae.data.formats import parse_amat, parse_idx, read_amat, read_idx
 
 # --------------------------------------------------------------------------- helpers

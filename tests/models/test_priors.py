@@ -4,20 +4,23 @@ plates and particles, state and devices, and what ``meanfield`` computes for eac
 import math
 import warnings
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
+import pytest
+import torch
 from pyro import poutine
 
-from pyro_vae.train.config import TrainConfig
+from pyro_vae.infer.objectives import analytic_kl_sites
 from pyro_vae.models.flows import FlowPrior, IAFEncoder
 from pyro_vae.models.guides import DiagonalGaussianEncoder
-from pyro_vae.infer.objectives import analytic_kl_sites
+from pyro_vae.models.priors import (
+    LearnedNormalPrior,
+    MixtureOfGaussiansPrior,
+    VampPrior,
+)
 from pyro_vae.models.registry import PRIORS, build_vae
-from pyro_vae.models.priors import LearnedNormalPrior, MixtureOfGaussiansPrior, VampPrior
+from pyro_vae.train.config import TrainConfig
 
 D, R = 6, 3
 

@@ -3,19 +3,24 @@ and clamping, the exact discrete model in eval mode, shapes, pairing rules, CLI 
 
 import math
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro import poutine
 
 from pyro_vae.cli.main import build_parser, config_from_args
-from pyro_vae.train.config import TrainConfig
-from pyro_vae.models.discrete import (MIN_TEMPERATURE, CategoricalLatentDecoder, RelaxedCategoricalEncoder,
-                               RelaxedCategoricalPrior, TemperatureSchedule, relaxed_one_hot)
 from pyro_vae.infer.objectives import analytic_kl_sites, make_elbo
+from pyro_vae.models.discrete import (
+    MIN_TEMPERATURE,
+    CategoricalLatentDecoder,
+    RelaxedCategoricalEncoder,
+    RelaxedCategoricalPrior,
+    TemperatureSchedule,
+    relaxed_one_hot,
+)
 from pyro_vae.models.registry import build_vae
+from pyro_vae.train.config import TrainConfig
 
 D, N, K = 6, 3, 4  # data features, categorical latents, categories
 

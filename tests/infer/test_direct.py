@@ -11,29 +11,35 @@ import importlib
 import sys
 from pathlib import Path
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
-
-import pyro
-
-from pyro_vae.infer.scale import latent_scale
-import pyro.distributions as dist
 from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO
 
 import pyro_vae.infer.fast as fast_step
 from pyro_vae.evaluation import importance
-from pyro_vae.train.config import TrainConfig
-from pyro_vae.data import load_dataset
-from pyro_vae.models.decoders import BernoulliDecoder
-from pyro_vae.infer.fast import (BernoulliLogits, DiagonalNormal, DirectLoss, DirectLossMismatch, StandardNormal,
-                                check_direct_loss, diagonal_normal_kl, direct_log_weights, make_loss_fn,
-                                make_optimizer)
-from pyro_vae.models.guides import DiagonalGaussianEncoder
+from pyro_vae.infer.fast import (
+    BernoulliLogits,
+    DiagonalNormal,
+    DirectLoss,
+    DirectLossMismatch,
+    StandardNormal,
+    check_direct_loss,
+    diagonal_normal_kl,
+    direct_log_weights,
+    make_loss_fn,
+    make_optimizer,
+)
 from pyro_vae.infer.objectives import make_elbo
-from pyro_vae.models.registry import build_vae
+from pyro_vae.infer.scale import latent_scale
+from pyro_vae.models.decoders import BernoulliDecoder
+from pyro_vae.models.guides import DiagonalGaussianEncoder
 from pyro_vae.models.priors import Prior
-from pyro_vae.train.trainer import Trainer
+from pyro_vae.models.registry import build_vae
 from pyro_vae.models.vae import VAE
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.train.trainer import Trainer
 
 INPUT_DIM, LATENT, HIDDEN, CLASSES, BATCH = 12, 4, [16], 3, 8
 SMALL = dict(latent_dim=LATENT, hidden=HIDDEN, flow_hidden=16, pseudo_inputs=5, mixture_components=3,
@@ -311,15 +317,11 @@ def test_the_benchmarks_handwritten_loop_is_the_same_estimator(objective):
 
 def _handwritten():
     """experiments/handwritten.py (experiments/ is not a package)."""
-    experiments = str(Path(__file__).resolve().parents[1] / "experiments")
+    experiments = str(Path(__file__).resolve().parents[2] / "experiments")
     if experiments not in sys.path:
         sys.path.insert(0, experiments)
     return importlib.import_module("handwritten")
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.mark.parametrize("objective,extra", [("trace", {}), ("iwae", {"particles": 3})])

@@ -3,20 +3,23 @@ and the analytic-KL report that decides what ``meanfield`` computes."""
 
 import math
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 
-from pyro_vae.train.config import TrainConfig
-from pyro_vae.models.flows import IAFEncoder
-from pyro_vae.models.guides import DiagonalGaussianEncoder, FullCovarianceEncoder, LowRankGaussianEncoder
 from pyro_vae.infer.kl import gaussian_kl_to_diagonal
 from pyro_vae.infer.objectives import analytic_kl_sites
+from pyro_vae.models.flows import IAFEncoder
+from pyro_vae.models.guides import (
+    DiagonalGaussianEncoder,
+    FullCovarianceEncoder,
+    LowRankGaussianEncoder,
+)
 from pyro_vae.models.registry import GUIDES, build_vae
+from pyro_vae.train.config import TrainConfig
 
 D, R = 6, 3
 

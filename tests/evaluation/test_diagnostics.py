@@ -4,19 +4,26 @@ active units, KL per dimension, and the ArviZ export of guide draws."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
-
+import pytest
+import torch
 from linear_gaussian import ExactPosteriorEncoder, LinearGaussianProblem
+
 from pyro_vae.evaluation import arviz_compat
-from pyro_vae.evaluation.diagnostics import (KHAT_MEANING, active_unit_activity, active_units, export_posterior, guide_mean,
-                                  khat_summary, kl_per_dimension, latent_sites)
+from pyro_vae.evaluation.diagnostics import (
+    KHAT_MEANING,
+    active_unit_activity,
+    active_units,
+    export_posterior,
+    guide_mean,
+    khat_summary,
+    kl_per_dimension,
+    latent_sites,
+)
 from pyro_vae.evaluation.evaluator import EvaluationOptions, evaluate_test_set
-from pyro_vae.models.guides import Encoder
 from pyro_vae.evaluation.importance import log_weights
+from pyro_vae.models.guides import Encoder
 from pyro_vae.models.vae import VAE
 
 
@@ -176,9 +183,13 @@ def test_categorical_latents_count_every_category_as_a_unit_and_skip_per_dim_kl(
     per-dimension KL; the batch must not be mixed into the latent axis."""
     import pyro
 
-    from pyro_vae.train.config import TrainConfig
-    from pyro_vae.evaluation.diagnostics import guide_mean, kl_per_dimension, latent_sites
+    from pyro_vae.evaluation.diagnostics import (
+        guide_mean,
+        kl_per_dimension,
+        latent_sites,
+    )
     from pyro_vae.models.registry import build_vae
+    from pyro_vae.train.config import TrainConfig
 
     pyro.set_rng_seed(0)
     vae = build_vae(TrainConfig.from_flat(dict(prior="categorical", guide="categorical", latent_dim=4, num_categories=5,

@@ -6,16 +6,21 @@ from __future__ import annotations
 import json
 import shutil
 
+import pyro
 import pytest
 
-import pyro
-
-from pyro_vae.evaluation import arviz_compat
 from pyro_vae.cli.main import main
-from pyro_vae.train.config import TrainConfig
+from pyro_vae.evaluation import arviz_compat
 from pyro_vae.evaluation.evaluator import EvaluationOptions, evaluate_test_set
-from pyro_vae.evaluation.report import (EvaluationMissing, compare_runs, fmt_estimate, format_table, jsonable,
-                             load_evaluation)
+from pyro_vae.evaluation.report import (
+    EvaluationMissing,
+    compare_runs,
+    fmt_estimate,
+    format_table,
+    jsonable,
+    load_evaluation,
+)
+from pyro_vae.train.config import TrainConfig
 from pyro_vae.train.runs import load_run
 from pyro_vae.train.trainer import train
 

@@ -2,15 +2,13 @@
 
 import math
 
+import pyro.distributions as dist
 import pytest
 import torch
-
-import pyro.distributions as dist
+from linear_gaussian import LinearGaussianProblem
 from pyro.distributions.kl import kl_divergence
 
 from pyro_vae.infer import equations as eq
-
-from linear_gaussian import LinearGaussianProblem
 
 
 @pytest.fixture

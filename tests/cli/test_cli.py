@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyro_vae.cli.main import main
-from pyro_vae.train.config import TrainConfig
 from pyro_vae.models.decoders import DataDomainError
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_vae.train.config import TrainConfig
 from pyro_vae.train.trainer import Trainer
 
 FAST = ["--epochs", "2", "--latent-dim", "3", "--hidden", "16", "--no-progress"]

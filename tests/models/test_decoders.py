@@ -3,14 +3,17 @@ particle dimensions, and the data-domain checks."""
 
 import math
 
+import pyro
 import pytest
 import torch
 
-import pyro
-
-from pyro_vae.train.config import TrainConfig
-from pyro_vae.models.decoders import ContinuousBernoulliDecoder, DataDomainError, PixelScaleGaussianDecoder
+from pyro_vae.models.decoders import (
+    ContinuousBernoulliDecoder,
+    DataDomainError,
+    PixelScaleGaussianDecoder,
+)
 from pyro_vae.models.registry import DECODERS
+from pyro_vae.train.config import TrainConfig
 
 R, D = 3, 5
 

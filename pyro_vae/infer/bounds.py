@@ -1,0 +1,92 @@
+"""The bounds on ``log p(x)`` computed from importance log-weights, in one place.
+
+With draws ``z_k ~ q(z | x)``, ``k = 1..K``, and log-weights
+``log w_k = log p(x, z_k) - log q(z_k | x)`` (:mod:`pyro_vae.infer.weights`):
+
+* ELBO (Kingma & Welling 2014), the mean ``(1/K) sum_k log w_k``;
+* IWAE bound (Burda et al. 2016), ``log (1/K) sum_k w_k``, which rises with
+  ``K`` towards ``log p(x)``; with ``K = 5000`` it is the importance-sampled
+  test log-likelihood;
+* Renyi bound (Li & Turner 2016), ``1/(1-a) log (1/K) sum_k w_k^(1-a)``: the
+  IWAE bound at ``a = 0``, the ELBO as ``a -> 1``, below the ELBO for ``a > 1``.
+
+Every objective, fast estimator, evaluator and test calls these functions;
+see ``docs/derivations.md`` for the derivations.  The particle dimension is
+``dim`` (0 by default); the other dimensions are kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``log (1/K) sum_k exp(values_k)`` over ``dim`` (size ``K``), computed stably."""
+    return torch.logsumexp(values, dim=dim) - math.log(values.shape[dim])
+
+
+def elbo_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Monte Carlo ELBO ``(1/K) sum_k log w_k``."""
+    return log_weights.mean(dim)
+
+
+def iwae_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Importance-weighted bound ``log (1/K) sum_k w_k`` (Burda et al. 2016, Eq. 8)."""
+    return log_mean_exp(log_weights, dim)
+
+
+def renyi_bound(log_weights: torch.Tensor, alpha: float, dim: int = 0) -> torch.Tensor:
+    """Renyi bound ``1/(1-alpha) log (1/K) sum_k w_k^(1-alpha)`` (Li & Turner 2016, Eq. 12).
+
+    ``alpha = 0`` is :func:`iwae_bound`; ``alpha = 1`` (the ELBO, as a limit) is refused.
+    """
+    alpha = float(alpha)
+    if alpha == 1.0:
+        raise ValueError("the Renyi bound with alpha=1 is the ELBO (a limit, not this formula); "
+                         "choose alpha != 1 or use the ELBO")
+    if alpha == 0.0:
+        return log_mean_exp(log_weights, dim)
+    return log_mean_exp((1.0 - alpha) * log_weights, dim) / (1.0 - alpha)
+
+
+def grouped_iwae_bound(log_weights: torch.Tensor, k: int) -> torch.Tensor:
+    """IWAE bound with ``k`` particles from ``(K, ...)`` log-weights, averaged over the
+    ``floor(K / k)`` disjoint groups of ``k`` draws: every ``k <= K`` from one set of draws."""
+    groups = log_weights.shape[0] // k
+    if k < 1 or groups < 1:
+        raise ValueError(f"IWAE with k={k} needs 1 <= k <= {log_weights.shape[0]} draws per point")
+    grouped = log_weights[:groups * k].reshape(groups, k, *log_weights.shape[1:])
+    return iwae_bound(grouped, dim=1).mean(0)
+
+
+class StreamingLogMeanExp:
+    """:func:`log_mean_exp` over the particle dimension, fed in chunks of particles.
+
+    Keeps a running maximum and a rescaled sum per point, so the full ``(K, B)``
+    array never has to exist; the result equals ``log_mean_exp`` of all chunks
+    stacked.
+    """
+
+    def __init__(self) -> None:
+        self.shift: torch.Tensor | None = None  # finite running maximum (0 where all are -inf)
+        self.sum: torch.Tensor | None = None    # sum_k exp(a_k - shift)
+        self.count = 0
+
+    def update(self, chunk: torch.Tensor) -> None:
+        """Add a ``(P, B)`` chunk of log-values."""
+        chunk_max = chunk.max(0).values
+        if self.shift is not None:
+            chunk_max = torch.maximum(self.shift, chunk_max)
+        shift = torch.where(torch.isfinite(chunk_max), chunk_max, torch.zeros_like(chunk_max))
+        chunk_sum = (chunk - shift).exp().sum(0)
+        self.sum = chunk_sum if self.sum is None else self.sum * (self.shift - shift).exp() + chunk_sum
+        self.shift = shift
+        self.count += chunk.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """``(B,)`` log-mean-exp over every particle added so far."""
+        if self.sum is None:
+            raise ValueError("no chunks were added")
+        return self.shift + self.sum.log() - math.log(self.count)

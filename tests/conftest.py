@@ -1,0 +1,45 @@
+"""Shared fixtures and helpers of the test suite.
+
+The tests mirror the package: ``tests/models``, ``tests/infer``,
+``tests/train``, ``tests/evaluation``, ``tests/cli``, ``tests/data``.  This
+folder is on ``sys.path`` (pytest puts a rootdir ``conftest.py``'s folder
+there), so helper modules beside it, such as :mod:`linear_gaussian`, import by
+name from any test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae.data import DATA_ENV_VAR, load_dataset
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's 8x8 digits, embedded: no download."""
+    return load_dataset("digits")
+
+
+def fresh(seed: int = 0) -> None:
+    """Seed every generator and empty Pyro's parameter store."""
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+
+
+def shared_data_dir() -> Path | None:
+    """``$PYRO_VAE_DATA`` when set: then tests that need MNIST must find it there (CI sets it)."""
+    value = os.environ.get(DATA_ENV_VAR)
+    return Path(value) if value else None
+
+
+@pytest.fixture
+def cpu_threads():
+    """Keep torch's thread count as the test found it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
