@@ -166,6 +166,12 @@ def log_weights(model: Callable, guide: Callable, *args, num_particles: int = 1,
     if direct is not None:
         return direct
     guide_trace, model_trace = trace_pair(model, guide, *args, num_particles=num_particles, **kwargs)
+    return weights_of_traces(guide_trace, model_trace, data_plate)
+
+
+def weights_of_traces(guide_trace: Trace, model_trace: Trace, data_plate: str = DATA_PLATE) -> LogWeights:
+    """``(K, B)`` :class:`LogWeights` of a :func:`trace_pair` taken with particles (for callers that
+    also need the traces' draws, e.g. to export them)."""
     data_dim = _plate_dim(model_trace, data_plate)
     ndim = _particle_frame_dim(model_trace)
     return weights_from_traces(guide_trace, model_trace, (-ndim, data_dim), ndim, data_plate)
