@@ -1,12 +1,36 @@
-"""pyro-vae: variational autoencoders as Pyro model/guide pairs."""
+"""pyro-vae: variational autoencoders as Pyro model/guide pairs.
 
+The public API::
+
+    from pyro_vae import VAE, TrainConfig, ModelConfig, train, evaluate, load_run, load_dataset
+
+``train`` takes the library's model (from a :class:`ModelConfig`) or any
+model/guide pair of your own; ``evaluate`` and ``load_run`` reopen the run.
+"""
+
+from pyro_vae.data import load_dataset
 from pyro_vae.infer.objectives import OBJECTIVES, make_elbo
+from pyro_vae.infer.scale import latent_scale
 from pyro_vae.models.config import ModelConfig
 from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS, build_vae
 from pyro_vae.models.vae import VAE
 from pyro_vae.train.config import TrainConfig
+from pyro_vae.train.program import Program
+from pyro_vae.train.runs import Run, load_run
+from pyro_vae.train.trainer import Trainer, TrainResult, train
 
 __version__ = "0.1.0"
 
-__all__ = ["VAE", "ModelConfig", "TrainConfig", "build_vae", "make_elbo", "OBJECTIVES", "PRIORS", "GUIDES",
+
+def __getattr__(name: str):
+    # evaluate pulls in matplotlib for its pictures: imported on first use only
+    if name == "evaluate":
+        from pyro_vae.evaluation.run import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'pyro_vae' has no attribute {name!r}")
+
+
+__all__ = ["VAE", "ModelConfig", "TrainConfig", "Program", "Trainer", "TrainResult", "Run", "train", "evaluate",
+           "load_run", "load_dataset", "build_vae", "make_elbo", "latent_scale", "OBJECTIVES", "PRIORS", "GUIDES",
            "DECODERS", "__version__"]

@@ -1,160 +1,36 @@
-"""Command line: ``pyro-vae train | evaluate | sample``."""
+"""The ``pyro-vae`` command: ``train | evaluate | compare | sample``, one module per command."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from pyro_vae import __version__
-from pyro_vae.cli import evaluate as evaluation_commands
-from pyro_vae.cli.arguments import positive_int
-from pyro_vae.data import DATASET_NAMES, DataError
-from pyro_vae.infer.objectives import OBJECTIVES
+from pyro_vae.cli import compare, evaluate, sample, train
+from pyro_vae.cli.train import config_from_args  # noqa: F401  (the flags -> TrainConfig step, for tests)
+from pyro_vae.data import DataError
 from pyro_vae.models.decoders import DataDomainError
-from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS
-from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
-from pyro_vae.train.config import TrainConfig, load_toml
-from pyro_vae.train.trainer import CHECKPOINT, TrainingDiverged, train
+from pyro_vae.train.checkpoint import CheckpointError
+from pyro_vae.train.trainer import TrainingDiverged
 
+COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "sample": sample}
 USER_ERRORS = (ValueError, CheckpointError, DataError, DataDomainError, TrainingDiverged, FileNotFoundError)
-
-
-
-def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    S = argparse.SUPPRESS  # unset flags stay absent, so a config file can supply them
-    d = TrainConfig()
-    m = d.model
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=S, help=f"data set: {', '.join(DATASET_NAMES)}, or a .npy/.npz path "
-                                              f"(default {d.data})")
-    g.add_argument("--data-dir", default=S, help="folder with data files (default: $PYRO_VAE_DATA, "
-                                                 "else the user cache)")
-    g = p.add_argument_group("model")
-    g.add_argument("--prior", default=S, choices=list(PRIORS), help=f"default {m.prior}")
-    g.add_argument("--guide", default=S, choices=list(GUIDES), help=f"default {m.guide}")
-    g.add_argument("--decoder", default=S, choices=list(DECODERS), help=f"default {m.decoder}")
-    g.add_argument("--latent-dim", type=positive_int, default=S, help=f"default {m.latent_dim}")
-    g.add_argument("--hidden", type=positive_int, nargs="+", default=S,
-                   help=f"encoder hidden sizes; the decoder mirrors them (default {' '.join(map(str, m.hidden))})")
-    g.add_argument("--activation", default=S, help=f"default {m.activation}")
-    g.add_argument("--sigma-x", type=float, default=S, help=f"Gaussian decoder scale (default {m.sigma_x})")
-    g.add_argument("--conditional", action="store_true", default=S, help="condition on labels (cVAE)")
-    g.add_argument("--mixture-components", type=positive_int, default=S,
-                   help=f"components of --prior mixture (default {m.mixture_components})")
-    g.add_argument("--pseudo-inputs", type=positive_int, default=S,
-                   help=f"pseudo-inputs of --prior vamp (default {m.pseudo_inputs})")
-    g.add_argument("--flow-steps", type=positive_int, default=S,
-                   help=f"autoregressive steps of --prior flow and --guide iaf (default {m.flow_steps})")
-    g.add_argument("--flow-hidden", type=positive_int, default=S,
-                   help=f"hidden units per autoregressive network, >= latent dim (default {m.flow_hidden})")
-    g.add_argument("--guide-rank", type=positive_int, default=S,
-                   help=f"covariance rank of --guide lowrank (default {m.guide_rank})")
-    g.add_argument("--num-categories", type=int, default=S,
-                   help="categories per latent of --prior/--guide categorical; --latent-dim is then the "
-                        f"number of categorical latents (default {m.num_categories})")
-    g.add_argument("--temperature", type=float, default=S,
-                   help=f"initial Gumbel-Softmax temperature (default {m.temperature})")
-    g.add_argument("--temperature-min", type=float, default=S,
-                   help=f"floor of the annealed temperature (default {m.temperature_min})")
-    g.add_argument("--temperature-anneal", type=float, default=S,
-                   help=f"exponential temperature decay rate per epoch (default {m.temperature_anneal})")
-    g.add_argument("--straight-through", action="store_true", default=S,
-                   help="hard one-hot latents forward, relaxed gradients backward")
-    g = p.add_argument_group("objective")
-    g.add_argument("--objective", default=S, choices=OBJECTIVES, help=f"default {d.objective}")
-    g.add_argument("--particles", type=positive_int, default=S,
-                   help="number of particles K (default 1 for trace/meanfield, 5 for renyi/iwae)")
-    g.add_argument("--alpha", type=float, default=S, help="Renyi alpha (renyi only; not 1)")
-    g.add_argument("--beta", type=float, default=S, help=f"beta-VAE weight on the KL (default {d.beta})")
-    g.add_argument("--warmup-epochs", type=float, default=S,
-                   help="linear KL warm-up from 0 to beta over this many epochs (default 0: none)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=positive_int, default=S, help=f"default {d.epochs}")
-    g.add_argument("--batch-size", type=positive_int, default=S, help=f"default {d.batch_size}")
-    g.add_argument("--lr", type=float, default=S, help=f"Adam learning rate (default {d.lr})")
-    g.add_argument("--patience", type=int, default=S,
-                   help=f"early stopping patience in epochs, 0 disables (default {d.patience})")
-    g.add_argument("--seed", type=int, default=S, help=f"default {d.seed}")
-    g.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
-    g = p.add_argument_group("output")
-    g.add_argument("--run-dir", default=S, help="where to write the run (default runs/DATA-OBJECTIVE-TIME)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro model/guide pairs.")
     parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a VAE (default: on the embedded digits data)")
-    p.add_argument("--config", help="TOML file of options; flags override it")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    _add_train_arguments(p)
-
-    evaluation_commands.add_parsers(sub)
-
-    p = sub.add_parser("sample", help="PNG grids of samples and reconstructions")
-    p.add_argument("run_dir")
-    p.add_argument("--num", type=positive_int, default=100, help="number of samples (default 100)")
-    p.add_argument("--out", default=None, help="output folder (default: the run directory)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    for command in COMMANDS.values():
+        command.add_parser(sub)
     return parser
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < TOML file (``--config``) < explicit flags; with ``--resume``, the run's saved config
-    replaces the defaults and the file."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
-    if args.resume:
-        state = load_checkpoint(Path(args.resume) / CHECKPOINT)
-        base = TrainConfig.from_dict(state["config"]).to_flat()
-        flags["run_dir"] = args.resume
-    else:
-        base = TrainConfig().to_flat()
-        if args.config:
-            base.update(load_toml(args.config))
-    return TrainConfig.from_flat({**base, **flags})
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    result = train(config, resume=bool(args.resume))
-    run_dir = result.run_dir
-    if result.interrupted:
-        print(f"interrupted; continue with: pyro-vae train --resume {run_dir}")
-        return 130
-    from pyro_vae.evaluation.pictures import write_run_pictures
-
-    pictures = write_run_pictures(run_dir)
-    last = result.history[-1] if result.history else None
-    print(f"run directory: {run_dir}")
-    if last:
-        print(f"  final validation ELBO: {last['valid_elbo']:.3f} nats (epoch {last['epoch']})")
-    print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
-    print(f"  checkpoint:  {run_dir / CHECKPOINT} (best: {run_dir / 'best.pt'})")
-    for path in pictures:
-        print(f"  picture:     {path}")
-    return 0
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    from pyro_vae.evaluation.pictures import write_run_pictures
-
-    for path in write_run_pictures(args.run_dir, out_dir=args.out, num=args.num, data_dir=args.data_dir,
-                                   device=args.device, seed=args.seed):
-        print(f"wrote {path}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": cmd_train, "sample": cmd_sample, **evaluation_commands.COMMANDS}[args.command]
     try:
-        return command(args)
+        return COMMANDS[args.command].run(args)
     except USER_ERRORS as e:
         print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
         return 2

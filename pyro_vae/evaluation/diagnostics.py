@@ -27,13 +27,10 @@ import torch
 from pyro.distributions.kl import kl_divergence
 
 from pyro_vae.evaluation import arviz_compat
-from pyro_vae.evaluation.importance import (
-    is_random_site,
-    log_weights_from_traces,
-    module_device,
-    trace_with_particles,
-)
-from pyro_vae.models.vae import LATENT_SITE, VAE
+from pyro_vae.evaluation.importance import program_device
+from pyro_vae.infer import weights
+from pyro_vae.train.program import Program, as_program
+from pyro_vae.train.trainer import batch_args
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 MC_MEAN_SAMPLES = 100
@@ -62,14 +59,15 @@ class LatentSite:
     prior: dist.Distribution
 
 
-def latent_sites(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None) -> list[LatentSite]:
-    """``q(z | x)`` and ``p(z)`` of every latent site: one guide trace, the model replayed on it
-    (one draw per point, no particle plate)."""
+def latent_sites(program: Program, x: torch.Tensor, y: torch.Tensor | None = None) -> list[LatentSite]:
+    """``q(z_s | ...)`` and ``p(z_s | ...)`` of every latent site ``s``, in the guide's order: one
+    guide trace, the model replayed on it (one draw per point, no particle plate)."""
+    program = as_program(program)
     with torch.no_grad():
-        guide_trace, model_trace = trace_with_particles(vae, x, y, None)
+        guide_trace, model_trace = weights.trace_pair(program.model, program.guide, *batch_args(x, y))
     return [LatentSite(name, site["fn"], model_trace.nodes[name]["fn"])
             for name, site in guide_trace.nodes.items()
-            if is_random_site(name, site) and not site["is_observed"]]
+            if weights.is_random_site(site) and not site["is_observed"]]
 
 
 def analytic_kl(sites: list[LatentSite]) -> tuple[torch.Tensor | None, str | None]:
@@ -141,9 +139,11 @@ class LatentDiagnostics:
     mean_method: str
     num_points: int
     event_shape: tuple[int, ...] = ()
+    site: str = "z"
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "site": self.site,
             "latent_dim": self.latent_dim,
             "kl_per_dim": self.kl_per_dim if self.kl_per_dim is not None else self.kl_per_dim_note,
             "activity": self.activity,
@@ -161,9 +161,9 @@ class LatentDiagnostics:
 
 
 class LatentAccumulator:
-    """Collects guide means and per-dimension KLs batch by batch (memory ``N x r``)."""
+    """Collects one site's guide means and per-dimension KLs batch by batch (memory ``N x r``)."""
 
-    def __init__(self, site_name: str = LATENT_SITE, threshold: float = ACTIVE_UNIT_THRESHOLD) -> None:
+    def __init__(self, site_name: str, threshold: float = ACTIVE_UNIT_THRESHOLD) -> None:
         self.site_name = site_name
         self.threshold = threshold
         self.means: list[torch.Tensor] = []
@@ -196,12 +196,32 @@ class LatentAccumulator:
             latent_dim=means.shape[1], kl_per_dim=kl, kl_per_dim_note=self.kl_note,
             activity=activity.tolist(), active_units=int((activity > self.threshold).sum()),
             threshold=self.threshold, mean_method=self.mean_method, num_points=self.count,
-            event_shape=self.event_shape,
+            event_shape=self.event_shape, site=self.site_name,
         )
 
     def guide_means(self) -> torch.Tensor:
         """``(N, r)`` guide means of every point added, in order."""
         return torch.cat(self.means)
+
+
+class SiteAccumulators:
+    """One :class:`LatentAccumulator` per latent site, created from the first batch, in guide order."""
+
+    def __init__(self, threshold: float = ACTIVE_UNIT_THRESHOLD) -> None:
+        self.threshold = threshold
+        self.sites: dict[str, LatentAccumulator] = {}
+
+    def add(self, sites: list[LatentSite]) -> None:
+        if not self.sites:
+            self.sites = {s.name: LatentAccumulator(s.name, self.threshold) for s in sites}
+        for accumulator in self.sites.values():
+            accumulator.add(sites)
+
+    def results(self) -> dict[str, LatentDiagnostics]:
+        return {name: acc.result() for name, acc in self.sites.items()}
+
+    def guide_means(self) -> dict[str, torch.Tensor]:
+        return {name: acc.guide_means() for name, acc in self.sites.items()}
 
 
 def active_unit_activity(means: torch.Tensor) -> torch.Tensor:
@@ -241,17 +261,22 @@ def khat_summary(khat: np.ndarray | torch.Tensor) -> dict[str, Any]:
 # -- posterior draws for ArviZ ------------------------------------------------------------------------
 
 @torch.no_grad()
-def posterior_draws(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
-                    num_samples: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` guide draws ``z ~ q(z | x)`` per point, ``(S, B, r)``, and their
-    log importance weights ``log p(x, z) - log q(z | x)``, ``(S, B)``."""
-    device = module_device(vae)
-    x = x.to(device)
-    y = None if y is None else y.to(device)
-    guide_trace, model_trace = trace_with_particles(vae, x, y, num_samples)
-    z = guide_trace.nodes[LATENT_SITE]["value"]
-    weights = log_weights_from_traces(guide_trace, model_trace)
-    return z, weights.log_weight
+def posterior_draws(program: Program, x: torch.Tensor, y: torch.Tensor | None = None,
+                    num_samples: int = 1000) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``num_samples`` guide draws per point of every latent site, ``{site: (S, B, *event)}``,
+    and their log importance weights ``log p(x, z) - log q(z | x)``, ``(S, B)``."""
+    program = as_program(program)
+    args = batch_args(x, y)
+    device = program_device(program, *args)
+    args = tuple(a.to(device) for a in args)
+    guide_trace, model_trace = weights.trace_pair(program.model, program.guide, *args, num_particles=num_samples)
+    draws = {}
+    for name, site in guide_trace.nodes.items():
+        if weights.is_random_site(site) and not site["is_observed"]:
+            value = site["value"]
+            event = site["fn"].event_shape
+            draws[name] = value.reshape(num_samples, x.shape[0], *event)
+    return draws, weights.weights_of_traces(guide_trace, model_trace).log_weight
 
 
 def _event_dim_names(ndim: int) -> list[str]:
@@ -264,13 +289,14 @@ def _event_dim_names(ndim: int) -> list[str]:
     return [f"event_{i}" for i in range(ndim)]
 
 
-def export_posterior(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, indices: list[int],
+def export_posterior(program: Program, x: torch.Tensor, y: torch.Tensor | None, indices: list[int],
                      path: str | Path, num_samples: int = 1000) -> Path:
     """Write guide draws for the test inputs ``x[indices]`` as ArviZ netCDF at ``path``.
 
-    Group ``posterior``: ``z`` with dims ``(chain, draw, point, latent)`` (one
-    chain of ``num_samples`` independent draws from ``q(z | x)``; categorical
-    latents add a ``category`` dimension); group
+    Group ``posterior``: one variable per latent site (``z`` with dims ``(chain,
+    draw, point, latent)``; with several sites the event dimensions are
+    prefixed by the site name), one chain of ``num_samples`` independent draws
+    from the guide; categorical latents add a ``category`` dimension; group
     ``sample_stats``: ``log_importance_weight`` ``(chain, draw, point)``, which
     turns the draws into self-normalized importance samples of ``p(z | x)``;
     group ``constant_data``: the inputs ``x``.  Coordinate ``point`` holds the
@@ -283,15 +309,20 @@ def export_posterior(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, indices:
     if bad:
         raise ValueError(f"test indices {bad} are out of range; the test set has {n} points (0..{n - 1})")
     idx = torch.as_tensor(indices, dtype=torch.long)
-    z, log_w = posterior_draws(vae, x[idx], None if y is None else y[idx], num_samples)
-    event_dims = _event_dim_names(z.dim() - 2)
+    draws, log_w = posterior_draws(program, x[idx], None if y is None else y[idx], num_samples)
+    posterior, coords, dims = {}, {}, {}
+    for name, z in draws.items():
+        prefix = "" if len(draws) == 1 else f"{name}_"
+        event_dims = [prefix + d for d in _event_dim_names(z.dim() - 2)]
+        posterior[name] = z.detach().cpu().double().numpy()[None]
+        coords.update({d: list(range(size)) for d, size in zip(event_dims, z.shape[2:])})
+        dims[name] = ["point", *event_dims]
     data = arviz_compat.to_inference_data(
-        posterior={"z": z.detach().cpu().double().numpy()[None]},
+        posterior=posterior,
         sample_stats={"log_importance_weight": log_w.detach().cpu().double().numpy()[None]},
         constant_data={"x": x[idx].detach().cpu().double().numpy()},
-        coords={"point": list(indices), "feature": list(range(x.shape[-1])),
-                **{name: list(range(size)) for name, size in zip(event_dims, z.shape[2:])}},
-        dims={"z": ["point", *event_dims], "log_importance_weight": ["point"], "x": ["point", "feature"]},
+        coords={"point": list(indices), "feature": list(range(x.shape[-1])), **coords},
+        dims={**dims, "log_importance_weight": ["point"], "x": ["point", "feature"]},
         attrs={"source": "pyro-vae guide q(z | x)",
                "note": "independent draws from the guide; weight draw s of point i by "
                        "softmax over s of log_importance_weight to target p(z | x)"},

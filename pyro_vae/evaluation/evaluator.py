@@ -5,11 +5,13 @@ For every test point, ``K`` draws ``z_k ~ q(z | x)`` give log-weights
 Pyro traces, so any prior/guide/decoder works).  From the same ``(K,)`` draws:
 
 * ``log p(x)``: the IWAE estimator with all ``K`` draws, ``log (1/K) sum_k w_k``
-  (Sec. 1.10; Burda et al. 2015 use ``K = 5000``);
-* ELBO (Eq. 2), Monte Carlo: ``mean_k log w_k``, with its split into
+  (Burda et al. 2016 use ``K = 5000``);
+* ELBO (Kingma & Welling 2014), Monte Carlo: ``mean_k log w_k``, with its split into
   reconstruction ``mean_k log p(x | z_k)`` and KL ``-mean_k log p(z_k)/q(z_k|x)``;
-* ELBO with analytic KL (Eq. 4/6): ``mean_k log p(x | z_k) - KL(q || p)`` where
-  ``kl_divergence`` is registered for the latent site, else n/a;
+* ELBO with analytic KL (docs/derivations.md): ``mean_k log p(x | z_k) - KL(q || p)`` where
+  ``kl_divergence`` is registered for every latent site, else n/a;
+* KL per latent site (Monte Carlo, ``-mean_k log p(z_s | ...)/q(z_s | ...)``) when
+  the program has several latent sites;
 * IWAE bound for each ``k`` in ``iwae_ks`` (``k <= K``): averaged over the
   ``floor(K / k)`` disjoint groups of ``k`` draws, so all bounds *share the
   same draws* (and differences between them are less noisy than independent runs);
@@ -18,7 +20,7 @@ Pyro traces, so any prior/guide/decoder works).  From the same ``(K,)`` draws:
   same draws (a stochastic lower bound on ``log p(x)``); ``0 < a < 1`` lies between
   the ELBO and IWAE, ``a > 1`` below the ELBO; ``a < 0`` is *not* a lower bound;
 * the gap ``log p(x) - ELBO``, the amortized posterior gap
-  ``KL(q(z|x) || p(z|x))`` of Eq. (3) / Sec. 1.8 (estimated; the estimate is
+  ``KL(q(z|x) || p(z|x))`` (the KL identity of docs/derivations.md; the estimate is
   itself slightly low because ``log p(x)`` is);
 * latent diagnostics and PSIS k-hat (:mod:`pyro_vae.evaluation.diagnostics`).
 
@@ -49,7 +51,8 @@ from pyro_vae.infer.bounds import (
     iwae_bound,
     renyi_bound,
 )
-from pyro_vae.models.vae import VAE
+from pyro_vae.train.program import as_program
+from pyro_vae.train.trainer import batch_args
 
 DEFAULT_PARTICLES = 5000
 DEFAULT_IWAE_KS = (1, 5, 50, 5000)
@@ -142,12 +145,22 @@ class EvaluationResult:
     options: EvaluationOptions
     per_point: dict[str, torch.Tensor]
     analytic_kl_note: str | None
-    latent: diagnostics.LatentDiagnostics
-    guide_means: torch.Tensor
+    sites: dict[str, diagnostics.LatentDiagnostics]
+    site_guide_means: dict[str, torch.Tensor]
     khat: np.ndarray | None
     khat_note: str | None
     plan: ChunkPlan
     seconds: float
+
+    @property
+    def latent(self) -> diagnostics.LatentDiagnostics:
+        """Diagnostics of the first latent site the guide samples."""
+        return next(iter(self.sites.values()))
+
+    @property
+    def guide_means(self) -> torch.Tensor:
+        """``(N, r)`` guide means of the first latent site."""
+        return next(iter(self.site_guide_means.values()))
 
     @property
     def num_points(self) -> int:
@@ -179,6 +192,10 @@ class EvaluationResult:
             "shared_draws": (f"all bounds use the same K={K} draws per point; IWAE-k averages the "
                              f"floor(K/k) disjoint groups of k draws"),
             "latent": self.latent.as_dict(),
+            "latent_sites": {name: d.as_dict() for name, d in self.sites.items()},
+            "active_units_total": sum(d.active_units for d in self.sites.values()),
+            "kl_per_site": {name[len("kl_site_"):]: est[name] for name in est if name.startswith("kl_site_")}
+            if len(self.sites) > 1 else None,
             "psis": diagnostics.khat_summary(self.khat) if self.khat is not None else self.khat_note,
             "chunking": self.plan.as_dict(),
             "seconds": self.seconds,
@@ -186,9 +203,12 @@ class EvaluationResult:
 
 
 @torch.no_grad()
-def evaluate_test_set(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
+def evaluate_test_set(program: Any, x: torch.Tensor, y: torch.Tensor | None = None,
                       options: EvaluationOptions | None = None) -> EvaluationResult:
     """Bounds, latent diagnostics and k-hat over ``x`` with one pass of ``K`` draws per point.
+
+    ``program`` is any model/guide pair (:func:`~pyro_vae.train.program.as_program`);
+    ``y`` is passed to it as a second argument when given (conditional programs).
 
     Memory stays bounded by ``options.max_memory_mb`` (see
     :func:`pyro_vae.evaluation.importance.plan_chunks`); per-point results are kept
@@ -202,16 +222,21 @@ def evaluate_test_set(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
     khat_note = None if want_khat else (
         "n/a (disabled)" if not options.khat else
         f"n/a (PSIS k-hat needs at least {diagnostics.MIN_KHAT_PARTICLES} particles; K={K})")
-    plan = plan_chunks(vae, x.shape[0], K, x.shape[-1], options.max_memory_mb, x.dtype)
+    program = as_program(program)
+    plan = plan_chunks(program, x.shape[0], K, x.shape[-1], options.max_memory_mb, x.dtype,
+                       batch_args(x[:2], None if y is None else y[:2]))
     collected: dict[str, list[torch.Tensor]] = {}
     khats: list[np.ndarray] = []
-    latent = diagnostics.LatentAccumulator()
+    latent = diagnostics.SiteAccumulators()
     analytic_note = None
     start = time.perf_counter()
-    for _, xg, yg, parts in iter_point_groups(vae, x, y, K, plan, progress=options.progress,
+    for _, xg, yg, parts in iter_point_groups(program, x, y, K, plan, progress=options.progress,
                                               desc=f"evaluating (K={K})"):
-        sites = diagnostics.latent_sites(vae, xg, yg)
+        sites = diagnostics.latent_sites(program, xg, yg)
         stats = bounds_from_log_weights(parts, options.iwae_ks, options.renyi_alphas)
+        if len(parts.sites) > 1:
+            for name, value in parts.sites.items():
+                stats[f"kl_site_{name}"] = -value.mean(0)
         kl, note = diagnostics.analytic_kl(sites)
         analytic_note = analytic_note or note
         if kl is not None:
@@ -225,19 +250,19 @@ def evaluate_test_set(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
     per_point = {name: torch.cat(v) for name, v in collected.items()
                  if not (analytic_note and name in ("kl_analytic", "elbo_analytic"))}
     return EvaluationResult(
-        options=options, per_point=per_point, analytic_kl_note=analytic_note, latent=latent.result(),
-        guide_means=latent.guide_means(), khat=np.concatenate(khats) if khats else None, khat_note=khat_note,
+        options=options, per_point=per_point, analytic_kl_note=analytic_note, sites=latent.results(),
+        site_guide_means=latent.guide_means(), khat=np.concatenate(khats) if khats else None, khat_note=khat_note,
         plan=plan, seconds=time.perf_counter() - start,
     )
 
 
-def per_point_bounds(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1,
+def per_point_bounds(program: Any, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1,
                      max_memory_mb: float = DEFAULT_MAX_MEMORY_MB) -> dict[str, torch.Tensor]:
     """Per-point ELBO (Eq. 2, averaged over ``num_particles`` draws), its reconstruction
     and KL parts, and the IWAE bound with ``K = num_particles`` (key ``iwae``)."""
     options = EvaluationOptions(num_particles=num_particles, iwae_ks=(), renyi_alphas=(),
                                 max_memory_mb=max_memory_mb, khat=False)
-    result = evaluate_test_set(vae, x, y, options).per_point
+    result = evaluate_test_set(program, x, y, options).per_point
     return {"elbo": result["elbo"], "reconstruction": result["reconstruction"], "kl": result["kl"],
             "iwae": result["log_px"]}
 

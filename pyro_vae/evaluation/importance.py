@@ -4,11 +4,12 @@
 away; test log-likelihoods and per-point diagnostics need one weight per data
 point *and* per particle.  :func:`log_weights` runs the guide under a particle
 plate, replays the model against it, and keeps each site's log-density per
-data point, so it works for any prior, guide and decoder that follows the
-model/guide contract of :mod:`pyro_vae.models.vae`.
+data point, so it works for any model/guide pair whose sites live inside
+``pyro.plate("data", B)`` (:mod:`pyro_vae.train.program`), with any number of
+latent sites of any names.
 
-The importance-sampled log-likelihood (the IWAE estimator of Sec. 1.10,
-Burda et al. 2015) is ``log (1/K) sum_k p(x, z_k) / q(z_k | x)``.  With
+The importance-sampled log-likelihood (the IWAE estimator,
+Burda et al. 2016) is ``log (1/K) sum_k p(x, z_k) / q(z_k | x)``.  With
 ``K = 5000`` over a 10,000-image test set, the decoder's per-pixel tensors
 (``K x N x 784``) would need ~150 GB, so the work is cut into *traces* of
 ``points_per_trace x particles_per_trace`` (data point, particle) pairs sized
@@ -20,22 +21,20 @@ when all of a point's weights are needed (PSIS k-hat, bounds at several K).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.poutine.util import site_is_subsample
-from torch import nn
 from tqdm.auto import tqdm
 
 from pyro_vae.infer.bounds import StreamingLogMeanExp
-from pyro_vae.models.vae import VAE
+from pyro_vae.infer import weights
+from pyro_vae.infer.rng import preserved_rng
+from pyro_vae.infer.weights import LogWeights
+from pyro_vae.train.program import Program, as_program, program_parameters
+from pyro_vae.train.trainer import batch_args
 
-PARTICLE_PLATE = "_particles"
 DEFAULT_MAX_MEMORY_MB = 512.0
 # Share of the memory budget given to one group's (K, G) arrays; the rest bounds one trace.
 GROUP_SHARE = 0.25
@@ -45,76 +44,26 @@ GROUP_BYTES_PER_PAIR_FLOAT64 = 3
 MAX_GROUP_POINTS = 1000
 
 
-class LogWeights(NamedTuple):
-    """Per-particle, per-point log-weights and their two parts, each ``(K, B)``."""
-
-    log_weight: torch.Tensor      # log p(x, z_k) - log q(z_k | x)
-    reconstruction: torch.Tensor  # log p(x | z_k)
-    latent: torch.Tensor          # log p(z_k) - log q(z_k | x)
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """The device of ``module``'s first parameter or buffer (CPU for an empty module)."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
+def program_device(program: Program, *args) -> torch.device:
+    """The device of the program's parameters (of its owning module when it has one)."""
+    program = as_program(program)
+    if program.module is not None:
+        for tensor in (*program.module.parameters(), *program.module.buffers()):
+            return tensor.device
+    with preserved_rng():
+        for tensor in program_parameters(program, *args, strict=False).values():
+            return tensor.device
     return torch.device("cpu")
 
 
-def trace_with_particles(vae: VAE, x: torch.Tensor, y: torch.Tensor | None,
-                         num_particles: int | None) -> tuple[poutine.Trace, poutine.Trace]:
-    """Guide trace under a particle plate (dim -2, left of the data plate) and the
-    model replayed against it: the true model, whatever beta or warm-up the VAE
-    was trained with (those scales exist only inside the trainer's step).  ``num_particles=None``: no
-    particle plate, one draw per point."""
-    particles = contextlib.nullcontext() if num_particles is None else \
-        pyro.plate(PARTICLE_PLATE, num_particles, dim=-2)
-    with particles:
-        guide_trace = poutine.trace(vae.guide).get_trace(x, y)
-        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x, y)
-    return guide_trace, model_trace
-
-
-def is_random_site(name: str, site: dict) -> bool:
-    """A sample site with a distribution (not the plate's subsample site)."""
-    return site["type"] == "sample" and not site_is_subsample(site)
-
-
-def log_weights_from_traces(guide_trace: poutine.Trace, model_trace: poutine.Trace) -> LogWeights:
-    """Sum each site's ``log_prob`` (already summed over its event dims) into the
-    reconstruction part (observed sites) and the latent part (latent sites of the
-    model minus those of the guide)."""
-    model_trace.compute_log_prob(is_random_site)
-    guide_trace.compute_log_prob(is_random_site)
-    recon = latent = None
-    for name, site in model_trace.nodes.items():
-        if not is_random_site(name, site):
-            continue
-        if site["is_observed"]:
-            recon = site["log_prob"] if recon is None else recon + site["log_prob"]
-        else:
-            latent = site["log_prob"] if latent is None else latent + site["log_prob"]
-    for name, site in guide_trace.nodes.items():
-        if is_random_site(name, site) and not site["is_observed"]:
-            latent = -site["log_prob"] if latent is None else latent - site["log_prob"]
-    if recon is None or latent is None:
-        raise ValueError("the model needs an observed site and at least one latent site to be importance-weighted")
-    return LogWeights(recon + latent, recon, latent)
-
-
-def log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
+def log_weights(program: Program, x: torch.Tensor, y: torch.Tensor | None = None,
                 num_particles: int = 1) -> LogWeights:
-    """Log-weights ``log p(x, z_k) - log q(z_k | x)`` with ``z_k ~ q(z | x)``, in one trace.
-
-    Returns ``(log_w, log_likelihood, log_prior_ratio)``, each of shape
-    ``(num_particles, B)``: the weight, its reconstruction part
-    ``log p(x | z_k)``, and its latent part ``log p(z_k) - log q(z_k | x)``
-    (minus a one-sample KL estimate), of the true model.  For many
-    particles or points use :func:`iter_point_groups`, which bounds memory.
-    """
-    _check_particles(num_particles)
+    """Log-weights ``log p(x, z_k) - log q(z_k | x)`` with ``z_k ~ q(z | x)``, in one trace, without
+    gradients: :func:`pyro_vae.infer.weights.log_weights` of the program on ``(x,)`` or ``(x, y)``.
+    For many particles or points use :func:`iter_point_groups`, which bounds memory."""
+    program = as_program(program)
     with torch.no_grad():
-        guide_trace, model_trace = trace_with_particles(vae, x, y, num_particles)
-        return log_weights_from_traces(guide_trace, model_trace)
+        return weights.log_weights(program.model, program.guide, *batch_args(x, y), num_particles=num_particles)
 
 
 # -- chunking ---------------------------------------------------------------------------
@@ -149,24 +98,38 @@ class ChunkPlan:
                 "max_memory_mb": self.max_memory_mb}
 
 
-def estimate_bytes_per_pair(vae: VAE, input_dim: int, dtype: torch.dtype = torch.float32) -> int:
+def estimate_bytes_per_pair(program: Program, input_dim: int, dtype: torch.dtype = torch.float32,
+                            probe_args: tuple | None = None) -> int:
     """Rough peak bytes of intermediate tensors per (data point, particle) pair.
 
-    A trace keeps, per pair: every decoder layer's output (the widths of its
-    ``nn.Linear`` layers, about twice with the activation), a few copies of the
-    per-pixel log-density (``input_dim``), and the latent draw and its
-    densities.  This is an estimate; decoders without ``nn.Linear`` layers are
-    counted as four per-pixel tensors.
+    A trace keeps, per pair, every network layer's output (estimated from the
+    parameters: the output width of each weight matrix, about twice with the
+    activation), a few copies of the per-feature log-density (``input_dim``),
+    and the latent draws and their densities.  This is an estimate that sizes
+    chunks, not a measurement.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    widths = sum(m.out_features for m in vae.decoder.modules() if isinstance(m, nn.Linear))
+    program = as_program(program)
+    if program.module is not None:  # no need to run the program to find its parameters
+        params = list(program.module.parameters())
+    else:
+        args = probe_args if probe_args is not None else (torch.zeros(2, input_dim, dtype=dtype),)
+        with preserved_rng():
+            params = list(program_parameters(program, *args, strict=False).values())
+    widths = 0
+    for p in params:
+        if p.dim() == 2:
+            widths += p.shape[0]
+        elif p.dim() > 2:  # convolution kernels: channels times the (at most input-sized) feature map
+            widths += p.shape[0] * input_dim // max(1, p.shape[1])
     if widths == 0:
         widths = 2 * input_dim
-    return itemsize * (3 * input_dim + 2 * widths + 8 * vae.latent_dim + 8)
+    return itemsize * (3 * input_dim + 2 * widths + 64)
 
 
-def plan_chunks(vae: VAE, num_points: int, num_particles: int, input_dim: int,
-                max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, dtype: torch.dtype = torch.float32) -> ChunkPlan:
+def plan_chunks(program: Program, num_points: int, num_particles: int, input_dim: int,
+                max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, dtype: torch.dtype = torch.float32,
+                probe_args: tuple | None = None) -> ChunkPlan:
     """Size traces and groups so that one trace and one group fit in ``max_memory_mb``.
 
     Three quarters of the budget bound one trace: all ``K`` particles of a point
@@ -180,7 +143,7 @@ def plan_chunks(vae: VAE, num_points: int, num_particles: int, input_dim: int,
     _check_particles(num_particles)
     if not max_memory_mb > 0:
         raise ValueError(f"max_memory_mb must be positive, got {max_memory_mb!r}")
-    per_pair = estimate_bytes_per_pair(vae, input_dim, dtype)
+    per_pair = estimate_bytes_per_pair(as_program(program), input_dim, dtype, probe_args)
     budget = max_memory_mb * 2**20
     pairs = max(1, int(budget * (1 - GROUP_SHARE) // per_pair))
     if pairs >= num_particles:
@@ -198,19 +161,22 @@ def plan_chunks(vae: VAE, num_points: int, num_particles: int, input_dim: int,
     return ChunkPlan(num_points, num_particles, points, particles, group, per_pair, float(max_memory_mb))
 
 
-def iter_point_groups(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
+def iter_point_groups(program: Program, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
                       plan: ChunkPlan | None = None, max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
                       progress: bool = False, desc: str = "importance sampling",
                       ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None, LogWeights]]:
     """Yield ``(points, x_group, y_group, LogWeights)`` with ``(K, G)`` weights per group of points.
 
-    Runs on the model's device (each group is moved there), without gradients,
+    Runs on the program's device (each group is moved there), without gradients,
     one Pyro trace per ``plan.points_per_trace x plan.particles_per_trace``
     block, with a progress bar over data points when ``progress`` is set.
     """
-    device = module_device(vae)
+    program = as_program(program)
+    probe = batch_args(x[:2], None if y is None else y[:2])
+    device = program_device(program, *probe)
+    probe = tuple(a.to(device) for a in probe)
     if plan is None:
-        plan = plan_chunks(vae, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype)
+        plan = plan_chunks(program, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype, probe)
     n = x.shape[0]
     bar = tqdm(total=n, desc=desc, unit="pt", disable=not progress, leave=False, dynamic_ncols=True)
     try:
@@ -218,46 +184,56 @@ def iter_point_groups(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, num_par
             points = slice(start, min(start + plan.group_points, n))
             xg = x[points].to(device)
             yg = None if y is None else y[points].to(device)
-            parts = _group_log_weights(vae, xg, yg, num_particles, plan)
+            parts = _group_log_weights(program, xg, yg, num_particles, plan)
             yield points, xg, yg, parts
             bar.update(points.stop - points.start)
     finally:
         bar.close()
 
 
-def _group_log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
+def _group_log_weights(program: Program, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
                        plan: ChunkPlan) -> LogWeights:
     g = x.shape[0]
     if g <= plan.points_per_trace and num_particles <= plan.particles_per_trace:
-        return log_weights(vae, x, y, num_particles)
-    buffers = [x.new_empty((num_particles, g)) for _ in range(3)]
+        return log_weights(program, x, y, num_particles)
+    buffers: list[torch.Tensor] | None = None
+    site_buffers: dict[str, torch.Tensor] = {}
     for p0 in range(0, g, plan.points_per_trace):
         p1 = min(p0 + plan.points_per_trace, g)
         xb = x[p0:p1]
         yb = None if y is None else y[p0:p1]
         for k0 in range(0, num_particles, plan.particles_per_trace):
             k1 = min(k0 + plan.particles_per_trace, num_particles)
-            for buffer, part in zip(buffers, log_weights(vae, xb, yb, k1 - k0)):
-                buffer[k0:k1, p0:p1] = part
-    return LogWeights(*buffers)
+            part = log_weights(program, xb, yb, k1 - k0)
+            if buffers is None:
+                buffers = [x.new_empty((num_particles, g)) for _ in range(3)]
+                site_buffers = {name: x.new_empty((num_particles, g)) for name in part.sites}
+            for buffer, value in zip(buffers, part[:3]):
+                buffer[k0:k1, p0:p1] = value
+            for name, value in part.sites.items():
+                site_buffers[name][k0:k1, p0:p1] = value
+    return LogWeights(*buffers, site_buffers)
 
 
 # -- reductions ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def importance_log_likelihood(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
+def importance_log_likelihood(program: Program, x: torch.Tensor, y: torch.Tensor | None = None,
                               num_particles: int = 5000, max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
                               progress: bool = False) -> torch.Tensor:
-    """Importance-sampled ``log p(x)`` per data point (the IWAE estimator, Sec. 1.10).
+    """Importance-sampled ``log p(x)`` per data point (the IWAE estimator, Burda et al. 2016).
 
     ``log (1/K) sum_k p(x, z_k) / q(z_k | x)`` with ``z_k ~ q(z | x)``, streamed
-    over particle chunks (:class:`StreamingLogMeanExp`) so that only one trace
-    of at most ``max_memory_mb`` is alive at a time.  Returns a ``(N,)`` tensor
-    on the model's device.  Its expectation is a lower bound on ``log p(x)``
-    that tightens as ``K`` grows (Burda et al. 2015, Theorem 1).
+    over particle chunks (:class:`~pyro_vae.infer.bounds.StreamingLogMeanExp`) so
+    that only one trace of at most ``max_memory_mb`` is alive at a time.  Returns
+    a ``(N,)`` tensor on the program's device.  Its expectation is a lower bound on
+    ``log p(x)`` that tightens as ``K`` grows (Burda et al. 2016, Theorem 1).
     """
-    device = module_device(vae)
-    plan = plan_chunks(vae, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype)
+    program = as_program(program)
+    probe = batch_args(x[:2], None if y is None else y[:2])
+    device = program_device(program, *probe)
+    probe = tuple(a.to(device) for a in probe)
+    plan = plan_chunks(program, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype, probe)
     out = torch.empty(x.shape[0], dtype=x.dtype, device=device)
     bar = tqdm(total=x.shape[0], desc="log p(x)", unit="pt", disable=not progress, leave=False,
                dynamic_ncols=True)
@@ -269,7 +245,7 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, y: torch.Tensor | None 
             acc = StreamingLogMeanExp()
             for k0 in range(0, num_particles, plan.particles_per_trace):
                 k = min(plan.particles_per_trace, num_particles - k0)
-                acc.update(log_weights(vae, xb, yb, k).log_weight)
+                acc.update(log_weights(program, xb, yb, k).log_weight)
             out[p0:p1] = acc.result()
             bar.update(p1 - p0)
     finally:
@@ -278,12 +254,13 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, y: torch.Tensor | None 
 
 
 @torch.no_grad()
-def collect_log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1,
+def collect_log_weights(program: Program, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1,
                         max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, progress: bool = False) -> LogWeights:
     """All ``(K, N)`` log-weights of ``x``, computed in bounded chunks (memory: ``3 K N`` floats)."""
-    groups = [parts for _, _, _, parts in iter_point_groups(vae, x, y, num_particles,
+    groups = [parts for _, _, _, parts in iter_point_groups(program, x, y, num_particles,
                                                             max_memory_mb=max_memory_mb, progress=progress)]
-    return LogWeights(*(torch.cat(tensors, dim=1) for tensors in zip(*groups)))
+    sites = {name: torch.cat([g.sites[name] for g in groups], dim=1) for name in groups[0].sites}
+    return LogWeights(*(torch.cat(tensors, dim=1) for tensors in zip(*(g[:3] for g in groups))), sites)
 
 
 def _check_particles(num_particles: int) -> None:

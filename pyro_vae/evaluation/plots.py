@@ -5,6 +5,7 @@ curves and the k-hat histogram; reconstructions and prior samples come from
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +19,7 @@ import torch  # noqa: E402
 
 from pyro_vae.evaluation.diagnostics import KHAT_BAD, KHAT_GOOD  # noqa: E402
 from pyro_vae.evaluation.images import save_image_grid  # noqa: E402
-from pyro_vae.models.vae import VAE  # noqa: E402
+from pyro_vae.evaluation.decoding import means_at  # noqa: E402
 
 LATENT_MAP = "latent_map.png"
 TRAVERSALS = "latent_traversals.png"
@@ -76,13 +77,15 @@ def plot_latent_map(means: torch.Tensor, labels: torch.Tensor | None, path: str 
 
 
 @torch.no_grad()
-def plot_latent_traversals(vae: VAE, mean: torch.Tensor, dims: Sequence[int], path: str | Path,
+def plot_latent_traversals(program, mean: torch.Tensor, dims: Sequence[int], path: str | Path,
                            image_shape: Sequence[int] | None = None, y: torch.Tensor | None = None,
-                           steps: int = 9, span: float = 3.0, scores: Sequence[float] | None = None) -> Path:
+                           steps: int = 9, span: float = 3.0, scores: Sequence[float] | None = None,
+                           site: str = "z", input_dim: int | None = None) -> Path:
     """Decoder means as one latent coordinate at a time moves over ``mean_j + [-span, span]``
     (prior standard deviations), the others held at a data point's guide mean ``mean``.
 
-    One row per dimension in ``dims`` (e.g. the highest-KL ones).
+    One row per dimension in ``dims`` (e.g. the highest-KL ones) of the latent site ``site``;
+    the other latent sites, if any, are drawn from the prior.
     """
     if not dims:
         raise ValueError("latent traversals need at least one latent dimension")
@@ -93,8 +96,11 @@ def plot_latent_traversals(vae: VAE, mean: torch.Tensor, dims: Sequence[int], pa
         z[:, j] = mean[j] + offsets
         rows.append(z)
     z = torch.cat(rows)
-    c = vae.condition(None if y is None else y.reshape(1).expand(z.shape[0]))
-    images = vae.decoder.mean(z, c)
+    labels_y = None if y is None else y.reshape(1).expand(z.shape[0])
+    width = input_dim or (math.prod(image_shape) if image_shape else None)
+    if width is None:
+        raise ValueError("latent traversals need the input size (input_dim or image_shape)")
+    images = means_at(program, site, z, width, labels_y)
     labels = [f"z{j}" for j in dims]
     if scores is not None:
         labels = [f"z{j}\n{s:.2f}" for j, s in zip(dims, scores)]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 FORMAT = "pyro-vae-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -58,7 +58,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} has checkpoint version {state.get('version')!r}; this pyro-vae reads version {VERSION}"
         )
-    for key in ("model", "config", "input_dim"):
+    for key in ("program", "config", "input_dim"):
         if key not in state:
             raise CheckpointError(f"{path} lacks the {key!r} entry; it is incomplete")
     return state

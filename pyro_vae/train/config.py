@@ -39,7 +39,9 @@ class TrainConfig:
     # output
     run_dir: str | None = None
     progress: bool = True
-    # the model trained (parts, sizes); a user's program replaces it (see pyro_vae.train.program)
+    # a user's model/guide program by import path (see pyro_vae.train.program); None: the built-in model
+    program: str | None = None
+    # the built-in model (parts, sizes); a program's factory also receives it
     model: ModelConfig = field(default_factory=ModelConfig)
 
     @classmethod

@@ -1,4 +1,11 @@
-"""Reopen a trained run from its directory: config, model and data."""
+"""Reopen a trained run from its directory: config, program, parameters and data.
+
+The run's config says how its program was built (the built-in model of
+``config.model``, or ``config.program``, an import path); it is built again
+and the checkpoint's parameters are copied into it.  A program that was handed
+to the trainer as Python objects, with no import path, is passed back in as
+``program`` (e.g. ``load_run(run_dir, program=(model, guide))``).
+"""
 
 from __future__ import annotations
 
@@ -9,29 +16,41 @@ from typing import Any
 import torch
 
 from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.models.registry import build_vae
-from pyro_vae.models.vae import VAE
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
 from pyro_vae.train.config import TrainConfig
-from pyro_vae.train.trainer import BEST, CHECKPOINT, resolve_device
+from pyro_vae.train.program import (Program, ProgramError, as_program, import_program, program_parameters,
+                                    restore_program_state)
+from pyro_vae.train.trainer import BEST, CHECKPOINT, batch_args, resolve_device
 
 
 @dataclass
 class Run:
+    """A trained program with its config and checkpoint."""
+
     run_dir: Path
     config: TrainConfig
-    vae: VAE
+    program: Program
     state: dict[str, Any]
+    device: torch.device
 
     @property
     def image_shape(self) -> tuple[int, ...] | None:
         return tuple(self.state.get("image_shape") or ()) or None
+
+    @property
+    def module(self):
+        """The ``nn.Module`` owning the program (the built-in models), else ``None``."""
+        return self.program.module
 
     def load_data(self, data_dir: str | None = None) -> Dataset:
         """The run's data set, checked against the checkpoint's feature size."""
         dataset = load_dataset(self.config.data, data_dir or self.config.data_dir)
         check_features(self.state, dataset.num_features, dataset.name)
         return dataset
+
+    def args(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The program's arguments for inputs ``x`` (and labels ``y`` if the run is conditional)."""
+        return batch_args(x, y if self.config.model.conditional else None)
 
 
 def check_features(state: dict[str, Any], num_features: int, what: str) -> None:
@@ -41,24 +60,50 @@ def check_features(state: dict[str, Any], num_features: int, what: str) -> None:
         )
 
 
-def load_run(run_dir: str | Path, device: str = "auto", which: str = "best") -> Run:
-    """Rebuild the VAE of ``run_dir`` from ``best.pt`` (or ``checkpoint.pt`` with ``which='last'``)."""
+def rebuild_program(config: TrainConfig, state: dict[str, Any]) -> Program:
+    """Build the program a checkpoint's config describes (without its trained values)."""
+    import pyro
+
+    pyro.clear_param_store()
+    input_dim, num_classes = state["input_dim"], state.get("num_classes") or None
+    image_shape = tuple(state.get("image_shape") or ()) or None
+    if config.program:
+        return import_program(config.program, input_dim, num_classes, image_shape, config.model)
+    from pyro_vae.models.registry import build_vae
+
+    return as_program(build_vae(config.model, input_dim, num_classes))
+
+
+def load_run(run_dir: str | Path, device: str = "auto", which: str = "best", program: Any = None) -> Run:
+    """Reopen ``run_dir`` from ``best.pt`` (or ``checkpoint.pt`` with ``which='last'``).
+
+    ``program`` replaces the rebuilt program, for runs of a model/guide pair
+    that was handed to the trainer as Python objects.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     names = [BEST, CHECKPOINT] if which == "best" else [CHECKPOINT]
     path = next((run_dir / n for n in names if (run_dir / n).is_file()), run_dir / names[-1])
     dev = resolve_device(device)
     state = load_checkpoint(path, map_location=dev)
     config = TrainConfig.from_dict(state["config"])
-    vae = build_vae(config.model, state["input_dim"], state.get("num_classes") or None).to(dev)
+    if program is not None:
+        prog = as_program(program)
+    elif not state.get("built_in", True):
+        raise CheckpointError(f"{run_dir} was trained from a model/guide pair given as Python objects; "
+                              "pass the same pair: load_run(run_dir, program=(model, guide))")
+    else:
+        prog = rebuild_program(config, state)
+    prog.to(dev)
+    probe = torch.zeros(2, state["input_dim"], device=dev)
+    labels = torch.zeros(2, dtype=torch.long, device=dev) if config.model.conditional else None
     try:
-        vae.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match the model its config describes: {e}") from None
-    vae.eval()
-    return Run(run_dir, config, vae, state)
-
-
-def run_device(run: Run) -> torch.device:
-    return next(iter(run.vae.buffers()), next(run.vae.parameters())).device
+        params = program_parameters(prog, *batch_args(probe, labels))
+        restore_program_state(prog, params, state["program"])
+    except ProgramError as e:
+        raise CheckpointError(f"{path} does not match the program its config describes: {e}") from None
+    prog.train(False)
+    return Run(run_dir, config, prog, state, dev)

@@ -1,12 +1,18 @@
-"""SVI training loop: mini-batches, one torch optimizer, checkpoints, resume.
+"""SVI training of any model/guide pair: mini-batches, one torch optimizer, checkpoints, resume.
 
-One step is ``loss = elbo.differentiable_loss(vae.model, vae.guide, x_b) / B``
-followed by ``loss.backward()`` and ``optimizer.step()`` with a single
-``torch.optim`` optimizer over all module parameters (``pyro.optim`` wraps one
-optimizer per parameter and is markedly slower per step).  This is SVI with
-the same estimator; only the optimizer plumbing differs.
+One step is ``loss = loss_fn(model, guide, *batch) / B`` under
+:func:`~pyro_vae.infer.scale.latent_scale` (beta and KL warm-up), then
+``loss.backward()`` and ``optimizer.step()`` with one fused ``torch.optim.Adam``
+over all of the program's parameters (``pyro.optim`` wraps one optimizer per
+parameter and is markedly slower per step).  ``loss_fn`` is the estimator's
+``differentiable_loss`` or a faster estimator checked against it
+(:func:`~pyro_vae.infer.fast.make_loss_fn`): this is SVI with the same
+estimator; only the optimizer plumbing differs.
 
-Everything a run needs to continue bit-for-bit is in ``checkpoint.pt``: model,
+The program is the library's model built from the config, a user's program
+named by import path in the config, or a model/guide pair handed to
+:class:`Trainer` directly (:mod:`pyro_vae.train.program`).  Everything a run
+needs to continue bit-for-bit is in ``checkpoint.pt``: parameters by name,
 optimizer, the global and data RNG states, the position inside the epoch and
 the early-stopping state.  Ctrl-C stops after the current step and saves.
 """
@@ -21,22 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
 from tqdm.auto import tqdm
 
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.infer.fast import make_loss_fn, make_optimizer
-from pyro_vae.infer.objectives import (
-    analytic_kl_sites,
-    make_elbo,
-    warn_about_monte_carlo_kl,
-)
+from pyro_vae.infer.objectives import analytic_kl_sites, make_elbo, warn_about_monte_carlo_kl
 from pyro_vae.infer.scale import latent_scale
-from pyro_vae.models.registry import build_vae
-from pyro_vae.models.vae import VAE
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_vae.models.config import ModelConfig
 from pyro_vae.train.config import TrainConfig
+from pyro_vae.train.program import (Program, as_program, build_program, check_program_data, program_parameters,
+                                    program_state, restore_program_state)
 from pyro_vae.train.schedules import kl_scale_at
 
 CHECKPOINT = "checkpoint.pt"
@@ -69,11 +71,16 @@ def default_run_dir(config: TrainConfig) -> Path:
 @dataclass
 class TrainResult:
     run_dir: Path
-    vae: VAE
+    program: Program
     dataset: Dataset
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     stopped_early: bool = False
+
+    @property
+    def module(self):
+        """The ``nn.Module`` owning the trained model/guide (the built-in models), else ``None``."""
+        return self.program.module
 
 
 def _rng_state(data_gen: torch.Generator) -> dict[str, Any]:
@@ -115,21 +122,44 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def batch_args(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The program's arguments for a batch: ``(x,)``, or ``(x, y)`` with labels."""
+    return (x,) if y is None else (x, y)
+
+
 @torch.no_grad()
-def evaluate_loss(vae: VAE, elbo, x: torch.Tensor, y: torch.Tensor | None, batch_size: int = 1000) -> float:
+def evaluate_loss(elbo, program: Program, x: torch.Tensor, y: torch.Tensor | None,
+                  batch_size: int = 1000) -> float:
     """Mean per-point value of ``-elbo`` over ``x`` (nats), of the true model (no latent scale)."""
     total = 0.0
     for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size]
         yb = None if y is None else y[start:start + batch_size]
-        total += float(elbo.differentiable_loss(vae.model, vae.guide, xb, yb))
+        total += float(elbo.differentiable_loss(program.model, program.guide,
+                                                *batch_args(x[start:start + batch_size], yb)))
     return total / x.shape[0]
 
 
-class Trainer:
-    """Train ``config`` into ``run_dir``; ``resume=True`` continues from its checkpoint."""
+def _make_loss_fn(elbo, program, args):  # TEMPORARY until infer.fast takes (elbo, model, guide, args)
+    import inspect
 
-    def __init__(self, config: TrainConfig, dataset: Dataset | None = None, resume: bool = False) -> None:
+    from pyro_vae.models.vae import VAE
+    if "vae" in inspect.signature(make_loss_fn).parameters:
+        if isinstance(program.module, VAE):
+            return make_loss_fn(elbo, program.module, *args)
+        return elbo.differentiable_loss
+    return make_loss_fn(elbo, program.model, program.guide, args)
+
+
+class Trainer:
+    """Train a program on ``config.data`` into ``config.run_dir``; ``resume=True`` continues there.
+
+    ``program`` is anything :func:`~pyro_vae.train.program.as_program` accepts (a
+    ``(model, guide)`` pair, an object with ``model``/``guide``); without it the
+    program is built from ``config`` (``config.program`` or ``config.model``).
+    """
+
+    def __init__(self, config: TrainConfig, program: Any = None, dataset: Dataset | None = None,
+                 resume: bool = False) -> None:
         config.validate()
         self.config = config
         self.resume = resume
@@ -141,36 +171,41 @@ class Trainer:
                              "or choose another --run-dir")
         self.device = resolve_device(config.device)
         self.dataset = dataset if dataset is not None else load_dataset(config.data, config.data_dir)
-        pyro.set_rng_seed(config.seed)
-        pyro.clear_param_store()
-        self.vae = build_vae(config.model, self.dataset.num_features, self.dataset.num_classes).to(self.device)
+        torch.manual_seed(config.seed)
+        self.built_in = program is None  # else: a pair given as Python objects, passed again to reopen the run
+        self.program = (build_program(config, self.dataset) if program is None else as_program(program))
+        self.program.to(self.device)
         self.x_train = self.dataset.train.to(self.device)
         self.x_valid = self.dataset.valid.to(self.device)
         for what, x in (("training data", self.x_train), ("validation data", self.x_valid)):
-            self.vae.decoder.check_data(x, f"{self.dataset.name} {what}")
+            check_program_data(self.program, x, f"{self.dataset.name} {what}")
         labels = config.model.conditional
+        if labels and self.dataset.train_labels is None:
+            raise ValueError(f"--conditional needs a labelled data set; {self.dataset.name!r} has no labels")
         self.y_train = self.dataset.train_labels.to(self.device) if labels else None
         self.y_valid = self.dataset.valid_labels.to(self.device) if labels else None
-        self.steps_per_epoch = math.ceil(self.x_train.shape[0] / config.batch_size)
+        probe = batch_args(self.x_train[:2], None if self.y_train is None else self.y_train[:2])
+        self.params = program_parameters(self.program, *probe)
         self.elbo = make_elbo(config.objective, config.particles, config.alpha)
         self.valid_elbo = make_elbo("trace")
-        # The seam where a faster, equivalent loss or optimizer plugs in (see docs/performance.md).
-        self.loss_fn = make_loss_fn(self.elbo, self.vae, self.x_train, self.y_train)
-        self.optimizer = make_optimizer(self.vae.parameters(), lr=config.lr)
+        self.steps_per_epoch = math.ceil(self.x_train.shape[0] / config.batch_size)
+        # The seam where a faster, equivalent estimator plugs in (see docs/performance.md).
+        self.loss_fn = _make_loss_fn(self.elbo, self.program, batch_args(self.x_train, self.y_train))
+        self.optimizer = make_optimizer(list(self.params.values()), lr=config.lr)
         self.data_gen = torch.Generator(device=self.device)
         self.data_gen.manual_seed(config.seed)
         self.analytic_kl: dict[str, bool] = {}
         if config.objective == "meanfield":
-            xb = self.x_train[:2]
-            self.analytic_kl = analytic_kl_sites(self.vae.model, self.vae.guide, xb,
-                                                 None if self.y_train is None else self.y_train[:2])
+            self.analytic_kl = analytic_kl_sites(self.program.model, self.program.guide, *probe)
             warn_about_monte_carlo_kl(self.analytic_kl)
 
     # -- state ---------------------------------------------------------------------------
     def _state(self, epoch: int, batch: int, step: int, epoch_start_rng, best: float,
                bad_epochs: int, epoch_loss: float) -> dict[str, Any]:
         return {
-            "model": self.vae.state_dict(),
+            "program": program_state(self.program, self.params),
+            "source": self.program.source,
+            "built_in": self.built_in,
             "optimizer": self.optimizer.state_dict(),
             "config": self.config.to_dict(),
             "input_dim": self.dataset.num_features,
@@ -208,13 +243,13 @@ class Trainer:
         if self.resume:
             state = load_checkpoint(self.run_dir / CHECKPOINT, map_location=self.device)
             self._check_compatible(state)
-            self.vae.load_state_dict(state["model"])
+            restore_program_state(self.program, self.params, state["program"])
             self.optimizer.load_state_dict(state["optimizer"])
             start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
             best, bad_epochs, resumed_loss = state["best"], state["bad_epochs"], state["epoch_loss"]
             epoch_start_rng = state["epoch_start_data_rng"]
             _set_rng_state(state["rng"], self.data_gen)
-        result = TrainResult(self.run_dir, self.vae, self.dataset)
+        result = TrainResult(self.run_dir, self.program, self.dataset)
         n, bsz = self.x_train.shape[0], cfg.batch_size
         batches = math.ceil(n / bsz)
         steps_per_epoch = self.steps_per_epoch
@@ -234,16 +269,16 @@ class Trainer:
                 t0 = time.perf_counter()
                 bar = tqdm(range(start_batch, batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=not cfg.progress, leave=False, dynamic_ncols=True)
-                self.vae.train()
+                self.program.train()
                 for b in bar:
                     idx = perm[b * bsz:(b + 1) * bsz]
                     xb = x_epoch[idx]
-                    yb = None if self.y_train is None else self.y_train[idx]
+                    args = batch_args(xb, None if self.y_train is None else self.y_train[idx])
                     kl_scale = kl_scale_at(step, cfg.beta, cfg.warmup_epochs * steps_per_epoch)
-                    self.vae.set_progress(step, steps_per_epoch)
+                    self.program.set_progress(step, steps_per_epoch)
                     try:
                         with latent_scale(scale=kl_scale):
-                            loss = self.loss_fn(self.vae.model, self.vae.guide, xb, yb) / xb.shape[0]
+                            loss = self.loss_fn(self.program.model, self.program.guide, *args) / xb.shape[0]
                     except (ValueError, RuntimeError) as e:
                         # NaN parameters from an earlier, not yet checked step make distributions
                         # refuse their arguments: report the step that diverged, not this one.
@@ -295,12 +330,12 @@ class Trainer:
         return result
 
     def _end_of_epoch(self, epoch: int, step: int, train_loss: float, seconds: float) -> dict[str, Any]:
-        self.vae.eval()
-        valid_elbo = -evaluate_loss(self.vae, self.valid_elbo, self.x_valid, self.y_valid)
+        self.program.train(False)
+        valid_elbo = -evaluate_loss(self.valid_elbo, self.program, self.x_valid, self.y_valid)
         if self.config.objective == "trace" and self.config.particles in (None, 1):
             valid_bound = valid_elbo
         else:
-            valid_bound = -evaluate_loss(self.vae, self.elbo, self.x_valid, self.y_valid)
+            valid_bound = -evaluate_loss(self.elbo, self.program, self.x_valid, self.y_valid)
         row = {
             "epoch": epoch + 1, "step": step, "train_loss": train_loss,
             "valid_elbo": valid_elbo, "valid_bound": valid_bound,
@@ -333,9 +368,9 @@ class Trainer:
                 f"checkpoint expects {state['input_dim']} features but {self.dataset.name} has "
                 f"{self.dataset.num_features}"
             )
-        shaping = ("prior", "guide", "decoder", "latent_dim", "hidden", "activation", "conditional", "objective",
-                   "particles", "alpha", "data", "seed", "batch_size", "mixture_components", "pseudo_inputs",
-                   "flow_steps", "flow_hidden", "guide_rank", "num_categories", "straight_through")
+        # Everything that changes the program, the objective or the sequence of batches.
+        shaping = sorted(ModelConfig.field_names() | {"program", "objective", "particles", "alpha", "data", "seed",
+                                                      "batch_size"})
         saved, now = TrainConfig.from_dict(state["config"]).to_flat(), self.config.to_flat()
         changed = [k for k in shaping if saved.get(k) != now.get(k)]
         if changed:
@@ -345,6 +380,10 @@ class Trainer:
             )
 
 
-def train(config: TrainConfig, dataset: Dataset | None = None, resume: bool = False) -> TrainResult:
-    """Train a VAE as described by ``config``; see :class:`Trainer`."""
-    return Trainer(config, dataset=dataset, resume=resume).fit()
+def train(config: TrainConfig | None = None, program: Any = None, dataset: Dataset | None = None,
+          resume: bool = False) -> TrainResult:
+    """Train ``program`` (default: the model ``config`` describes) as ``config`` says; see :class:`Trainer`.
+
+    >>> result = train(TrainConfig(epochs=1, progress=False), program=(model, guide))  # doctest: +SKIP
+    """
+    return Trainer(config or TrainConfig(), program=program, dataset=dataset, resume=resume).fit()

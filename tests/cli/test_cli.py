@@ -65,7 +65,7 @@ def test_resume_from_the_cli_continues_to_more_epochs(trained_run, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--objective", "elbo"], "invalid choice: 'elbo' (choose from"),
-    (["train", "--decoder", "poisson"], "invalid choice: 'poisson'"),
+    (["train", "--decoder", "poisson"], "unknown decoder 'poisson'"),
     (["train", "--epochs", "0"], "expected a positive integer, got 0"),
 ])
 def test_bad_flags_are_refused_with_the_valid_choices(argv, message, capsys):

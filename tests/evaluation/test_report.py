@@ -55,7 +55,7 @@ def test_report_files_exist_parse_and_hold_the_numbers_the_api_returns(evaluated
     run = load_run(evaluated_run, "cpu")
     x = run.load_data().test[:60]
     pyro.set_rng_seed(3)
-    again = evaluate_test_set(run.vae, x, options=EvaluationOptions(num_particles=200)).summary()
+    again = evaluate_test_set(run.program, x, options=EvaluationOptions(num_particles=200)).summary()
     for key in ("log_likelihood", "elbo", "elbo_analytic_kl", "reconstruction", "kl", "gap"):
         assert results[key]["mean"] == pytest.approx(again[key]["mean"], abs=1e-9), key
         assert results[key]["stderr"] == pytest.approx(again[key]["stderr"], abs=1e-9), key

@@ -214,7 +214,7 @@ def test_conditional_run_writes_one_row_of_samples_per_class(tmp_path):
     assert [p.name for p in paths] == ["samples.png", "reconstructions.png"]
     assert all(p.stat().st_size > 0 for p in paths)
     y = torch.arange(10).repeat_interleave(2)
-    samples = result.vae.sample(20, y)
+    samples = result.module.sample(20, y)
     assert samples.shape == (20, 64)
     assert not torch.allclose(samples[0], samples[2])  # rows of different classes differ
 

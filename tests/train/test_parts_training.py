@@ -34,8 +34,8 @@ def bound_before_and_after(config: TrainConfig, digits) -> tuple[float, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # meanfield's Monte Carlo fallback warning is tested elsewhere
         trainer = Trainer(config, dataset=digits)
-    trainer.vae.eval()
-    before = -evaluate_loss(trainer.vae, trainer.elbo, trainer.x_valid, trainer.y_valid)
+    trainer.program.train(False)
+    before = -evaluate_loss(trainer.elbo, trainer.program, trainer.x_valid, trainer.y_valid)
     result = trainer.fit()
     return before, result.history[-1]["valid_bound"]
 

@@ -51,7 +51,7 @@ def test_short_training_on_binarized_mnist_improves_validation_elbo(tmp_path):
 
 
 def _final_parameters(run_dir):
-    return load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["model"]
+    return load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))["program"]["params"]
 
 
 def _assert_same_parameters(a, b):
@@ -81,14 +81,14 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(tmp_path, digits):
     train(cfg.replace(run_dir=str(tmp_path / "straight")), dataset=digits)
 
     trainer = Trainer(cfg.replace(run_dir=str(tmp_path / "split")), dataset=digits)
-    original = trainer.vae.set_progress
+    original = trainer.program.set_progress
 
     def interrupt_at_step_15(step, steps_per_epoch):
         if step == 15:
             os.kill(os.getpid(), signal.SIGINT)
         original(step, steps_per_epoch)
 
-    trainer.vae.set_progress = interrupt_at_step_15
+    trainer.program.set_progress = interrupt_at_step_15
     result = trainer.fit()
     assert result.interrupted
     state = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
@@ -114,7 +114,7 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_names_the_step(tmp_path, 
         trainer.fit()
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for v in state["program"]["params"].values())
 
 
 def test_early_stopping_when_the_bound_stops_improving(tmp_path, digits):
@@ -129,7 +129,7 @@ def test_same_seed_same_run_different_seed_different_run(tmp_path, digits):
         train(cfg.replace(run_dir=str(tmp_path / name), seed=seed), dataset=digits)
     a, b, c = (_final_parameters(tmp_path / n) for n in "abc")
     _assert_same_parameters(a, b)
-    assert not torch.equal(a["decoder.net.0.weight"], c["decoder.net.0.weight"])
+    assert not torch.equal(a["vae$$$decoder.net.0.weight"], c["vae$$$decoder.net.0.weight"])
 
 
 def test_kl_warmup_is_linear_then_flat_at_beta():
@@ -143,7 +143,7 @@ def test_warmup_and_beta_reach_the_latent_site_in_model_and_guide(tmp_path, digi
     """The latent scale must hit the latent site of both programs: check the scales Pyro records
     for the traces the trainer's steps run."""
     trainer = Trainer(TrainConfig.from_flat(dict(epochs=1, beta=0.25, run_dir=str(tmp_path), **SMALL)), dataset=digits)
-    vae = trainer.vae
+    vae = trainer.program.module
     seen = []
 
     def recording_loss(model, guide, x, y=None):
