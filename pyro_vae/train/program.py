@@ -41,7 +41,6 @@ from pyro import poutine
 from pyro_vae.models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from pyro_vae.data import Dataset
     from pyro_vae.train.config import TrainConfig
 
 
@@ -223,18 +222,18 @@ def restore_program_state(program: Program, params: dict[str, torch.Tensor], sta
 
 # -- building a run's program -------------------------------------------------------------------
 
-def build_program(config: "TrainConfig", dataset: "Dataset") -> Program:
-    """The program a run trains: ``config.program`` imported, else the built-in model of ``config.model``.
-
-    Pyro's global parameter store is emptied first, so a run starts from its own parameters only.
-    """
+def build_program(config: "TrainConfig", input_dim: int, num_classes: int | None = None,
+                  image_shape: tuple[int, ...] | None = None) -> Program:
+    """The program a run trains (or reopens): ``config.program`` imported, else the built-in model
+    of ``config.model``, for data of ``input_dim`` features (``num_classes`` labels, images of
+    ``image_shape``).  Pyro's global parameter store is emptied first, so a run starts from its
+    own parameters only."""
     pyro.clear_param_store()
     if config.program:
-        return import_program(config.program, dataset.num_features, dataset.num_classes, dataset.image_shape,
-                              config.model)
+        return import_program(config.program, input_dim, num_classes, image_shape, config.model)
     from pyro_vae.models.registry import build_vae
 
-    return as_program(build_vae(config.model, dataset.num_features, dataset.num_classes))
+    return as_program(build_vae(config.model, input_dim, num_classes))
 
 
 def check_program_data(program: Program, x: torch.Tensor, what: str) -> None:

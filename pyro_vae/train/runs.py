@@ -18,7 +18,7 @@ import torch
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
 from pyro_vae.train.config import TrainConfig
-from pyro_vae.train.program import (Program, ProgramError, as_program, import_program, program_parameters,
+from pyro_vae.train.program import (Program, ProgramError, as_program, build_program, program_parameters,
                                     restore_program_state)
 from pyro_vae.train.trainer import BEST, CHECKPOINT, batch_args, resolve_device
 
@@ -60,20 +60,6 @@ def check_features(state: dict[str, Any], num_features: int, what: str) -> None:
         )
 
 
-def rebuild_program(config: TrainConfig, state: dict[str, Any]) -> Program:
-    """Build the program a checkpoint's config describes (without its trained values)."""
-    import pyro
-
-    pyro.clear_param_store()
-    input_dim, num_classes = state["input_dim"], state.get("num_classes") or None
-    image_shape = tuple(state.get("image_shape") or ()) or None
-    if config.program:
-        return import_program(config.program, input_dim, num_classes, image_shape, config.model)
-    from pyro_vae.models.registry import build_vae
-
-    return as_program(build_vae(config.model, input_dim, num_classes))
-
-
 def load_run(run_dir: str | Path, device: str = "auto", which: str = "best", program: Any = None) -> Run:
     """Reopen ``run_dir`` from ``best.pt`` (or ``checkpoint.pt`` with ``which='last'``).
 
@@ -96,7 +82,8 @@ def load_run(run_dir: str | Path, device: str = "auto", which: str = "best", pro
         raise CheckpointError(f"{run_dir} was trained from a model/guide pair given as Python objects; "
                               "pass the same pair: load_run(run_dir, program=(model, guide))")
     else:
-        prog = rebuild_program(config, state)
+        prog = build_program(config, state["input_dim"], state.get("num_classes") or None,
+                             tuple(state.get("image_shape") or ()) or None)
     prog.to(dev)
     probe = torch.zeros(2, state["input_dim"], device=dev)
     labels = torch.zeros(2, dtype=torch.long, device=dev) if config.model.conditional else None

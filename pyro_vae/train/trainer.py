@@ -173,7 +173,8 @@ class Trainer:
         self.dataset = dataset if dataset is not None else load_dataset(config.data, config.data_dir)
         torch.manual_seed(config.seed)
         self.built_in = program is None  # else: a pair given as Python objects, passed again to reopen the run
-        self.program = (build_program(config, self.dataset) if program is None else as_program(program))
+        self.program = (build_program(config, self.dataset.num_features, self.dataset.num_classes,
+                                      self.dataset.image_shape) if program is None else as_program(program))
         self.program.to(self.device)
         self.x_train = self.dataset.train.to(self.device)
         self.x_valid = self.dataset.valid.to(self.device)
