@@ -4,7 +4,7 @@ and posterior draws for ArviZ.
 * **KL per dimension** -- for a factorized guide and prior (both
   ``Independent`` over the latent dimension, e.g. the diagonal Gaussian guide
   and ``N(0, I)`` prior) the KL splits into one closed-form term per dimension,
-  Eq. (6) term by term.  For other pairs (full covariance, mixtures, flows)
+  the closed-form Gaussian KL of docs/derivations.md term by term.  For other pairs (full covariance, mixtures, flows)
   there is no per-dimension split: reported as n/a.
 * **Active units** (Burda et al. 2015): unit ``u`` is active when
   ``A_u = Cov_x(E_q[z_u | x]) > 0.01``.  ``E_q[z | x]`` is the guide's
@@ -96,7 +96,7 @@ def _independent_base(d: dist.Distribution) -> dist.Distribution | None:
 
 
 def kl_per_dimension(site: LatentSite) -> tuple[torch.Tensor | None, str | None]:
-    """``(B, r)`` closed-form KL per latent dimension (Eq. 6 term by term for Gaussians),
+    """``(B, r)`` closed-form KL per latent dimension (term by term for Gaussians),
     or ``(None, reason)`` when guide or prior does not factorize over dimensions."""
     if len(site.guide.event_shape) != 1:  # e.g. (n, k) one-hot codes of categorical latents
         return None, (f"n/a (site {site.name} has event shape {tuple(site.guide.event_shape)}, "

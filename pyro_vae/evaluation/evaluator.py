@@ -186,7 +186,7 @@ class EvaluationResult:
             "kl": {**est["kl"], "estimator": "Monte Carlo"},
             "elbo_analytic_kl": na or est["elbo_analytic"],
             "kl_analytic": na or est["kl_analytic"],
-            "gap": {**est["gap"], "meaning": "log p(x) - ELBO = KL(q(z|x) || p(z|x)), Eq. (3)"},
+            "gap": {**est["gap"], "meaning": "log p(x) - ELBO = KL(q(z|x) || p(z|x)), the KL identity"},
             "iwae": iwae,
             "renyi": renyi,
             "shared_draws": (f"all bounds use the same K={K} draws per point; IWAE-k averages the "
@@ -258,7 +258,7 @@ def evaluate_test_set(program: Any, x: torch.Tensor, y: torch.Tensor | None = No
 
 def per_point_bounds(program: Any, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1,
                      max_memory_mb: float = DEFAULT_MAX_MEMORY_MB) -> dict[str, torch.Tensor]:
-    """Per-point ELBO (Eq. 2, averaged over ``num_particles`` draws), its reconstruction
+    """Per-point ELBO (averaged over ``num_particles`` draws), its reconstruction
     and KL parts, and the IWAE bound with ``K = num_particles`` (key ``iwae``)."""
     options = EvaluationOptions(num_particles=num_particles, iwae_ks=(), renyi_alphas=(),
                                 max_memory_mb=max_memory_mb, khat=False)
