@@ -89,8 +89,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (" (first points only)" if report["test_set"].get("subset") else "")
         + f"; K = {K} importance samples per point; seed {report['seed']}; "
           f"{report.get('seconds', res.get('seconds', 0.0)):.1f} s.",
-        f"Model: prior `{cfg.get('prior')}`, guide `{cfg.get('guide')}`, decoder `{cfg.get('decoder')}`, "
-        f"latent dim {cfg.get('latent_dim')}, trained with `{cfg.get('objective')}`.",
+        (f"Model: the program `{cfg['program']}`, trained with `{cfg.get('objective')}`."
+         if cfg.get("program") else
+         f"Model: prior `{cfg.get('prior')}`, guide `{cfg.get('guide')}`, decoder `{cfg.get('decoder')}`, "
+         f"latent dim {cfg.get('latent_dim')}, trained with `{cfg.get('objective')}`."),
         "",
         "## Test log-likelihood and bounds (nats per point, mean ± standard error)",
         "",
@@ -102,7 +104,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| reconstruction E_q[log p(x \\| z)] | {fmt_estimate(res['reconstruction'])} |",
         f"| KL(q(z \\| x) ‖ p(z)), Monte Carlo | {fmt_estimate(res['kl'])} |",
         f"| KL, analytic | {fmt_estimate(res['kl_analytic'])} |",
-        f"| gap log p(x) - ELBO (posterior gap, Eq. 3) | {fmt_estimate(res['gap'])} |",
+        f"| gap log p(x) - ELBO (posterior gap, the KL identity) | {fmt_estimate(res['gap'])} |",
     ]
     for k, est in res["iwae"].items():
         lines.append(f"| IWAE bound, k={k} | {fmt_estimate(est)} |")

@@ -77,6 +77,8 @@ def evaluate(run_dir: str | Path, particles: int = DEFAULT_PARTICLES, *, num_poi
                                 max_memory_mb=max_memory_mb, progress=progress)
     evaluation = evaluate_test_set(run.program, x, y, options)
     flat = run.config.to_flat()
+    if program is not None or flat["program"]:  # a user's program: the built-in model options do not apply
+        flat = {**flat, "program": flat["program"] or run.program.name}
     report: dict[str, Any] = {
         "run_dir": str(run.run_dir),
         "test_set": {"name": data.name, "split": "test", "num_points": n, "subset": n < n_total},
