@@ -10,6 +10,7 @@ import torch
 
 from pyro_vae import TrainConfig, evaluate, load_run, train
 from pyro_vae.cli.main import main
+from pyro_vae.evaluation import arviz_compat
 from pyro_vae.evaluation.pictures import write_run_pictures
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
 
@@ -46,7 +47,7 @@ def test_two_site_program_is_evaluated_with_every_bound_and_kl_per_site(tmp_path
     assert result.history[-1]["valid_elbo"] > result.history[0]["valid_elbo"] - 1.0
     with pytest.raises(CheckpointError, match="pass the same pair"):
         load_run(tmp_path)
-    report = evaluate(tmp_path, 120, num_points=40, program=program)
+    report = evaluate(tmp_path, 120, num_points=40, program=program, export_indices=[0, 3], posterior_samples=30)
     res = report["results"]
     assert res["log_likelihood"]["mean"] >= res["elbo"]["mean"] - 1e-6
     assert set(res["latent_sites"]) == {"local", "style"}
@@ -55,6 +56,9 @@ def test_two_site_program_is_evaluated_with_every_bound_and_kl_per_site(tmp_path
     assert kl_sites == pytest.approx(res["kl"]["mean"], rel=1e-6)
     assert res["latent"]["site"] == "local"  # the first site the guide samples
     assert {"samples", "reconstructions", "latent_map", "latent_traversals"} <= set(report["pictures"])
+    posterior = arviz_compat.load_netcdf(tmp_path / "posterior.nc")
+    assert posterior.posterior["local"].shape == (1, 30, 2, 3)
+    assert posterior.posterior["style"].shape == (1, 30, 2, 2)
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     assert saved["results"]["log_likelihood"]["mean"] == pytest.approx(res["log_likelihood"]["mean"])
 
