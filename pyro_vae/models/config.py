@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyro_vae.models.networks import NETWORKS
+
 #: Coldest Gumbel-Softmax temperature: colder relaxed samples underflow to exact one-hots
 #: (pyro issue #3304) and their gradients explode.
 MIN_TEMPERATURE = 0.1
@@ -41,6 +43,16 @@ class ModelConfig:
     temperature_min: float = 0.5  # the temperature never anneals below this
     temperature_anneal: float = 0.1  # exponential decay rate of the temperature per epoch
     straight_through: bool = False  # hard one-hot samples forward, relaxed gradients backward
+    # architecture
+    stochastic_layers: int = 1  # 1: z ~ p(z); 2: z2 ~ p(z2), z1 ~ p(z1 | z2) (Burda et al. 2016)
+    top_latent_dim: int = 50  # --stochastic-layers 2: size of z2 (latent_dim is z1's size)
+    top_hidden: list[int] = field(default_factory=lambda: [100, 100])  # hidden sizes of the z1 <-> z2 networks
+    network: str = "mlp"  # "mlp", or "conv": convolutional guide and decoder networks for image data
+
+    @property
+    def prior_latent_dim(self) -> int:
+        """Size of the latent the prior is on: ``latent_dim``, or ``top_latent_dim`` (z2) with two layers."""
+        return self.top_latent_dim if self.stochastic_layers == 2 else self.latent_dim
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,24 +79,37 @@ class ModelConfig:
         """Check ranges that would otherwise fail deep inside model construction."""
         counts = {"latent_dim": self.latent_dim, "mixture_components": self.mixture_components,
                   "pseudo_inputs": self.pseudo_inputs, "flow_steps": self.flow_steps,
-                  "flow_hidden": self.flow_hidden, "guide_rank": self.guide_rank}
+                  "flow_hidden": self.flow_hidden, "guide_rank": self.guide_rank,
+                  "top_latent_dim": self.top_latent_dim}
         for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.hidden, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
-                                                    for h in self.hidden):
-            raise ValueError(f"hidden sizes must be a list of positive integers, got {self.hidden!r}")
-        for name in ("prior", "guide", "decoder", "activation"):
+        for name in ("hidden", "top_hidden"):
+            sizes = getattr(self, name)
+            if not isinstance(sizes, list) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
+                                                  for h in sizes):
+                raise ValueError(f"{name} sizes must be a list of positive integers, got {sizes!r}")
+        for name in ("prior", "guide", "decoder", "activation", "network"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a name, got {getattr(self, name)!r}")
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
+        if self.stochastic_layers not in (1, 2) or isinstance(self.stochastic_layers, bool):
+            raise ValueError(f"stochastic_layers must be 1 or 2, got {self.stochastic_layers!r}")
+        if self.stochastic_layers == 2:
+            self._validate_two_layers()
         if not (isinstance(self.sigma_x, (int, float)) and math.isfinite(self.sigma_x) and self.sigma_x > 0):
             raise ValueError(f"sigma_x must be a positive finite number, got {self.sigma_x!r}")
         if self.guide == "lowrank" and self.guide_rank > self.latent_dim:
             raise ValueError(f"guide_rank must be at most latent_dim={self.latent_dim}, got {self.guide_rank!r} "
                              "(use --guide full for a full covariance)")
-        if (self.prior == "flow" or self.guide == "iaf") and self.flow_hidden < self.latent_dim:
-            raise ValueError(f"flow_hidden must be at least latent_dim={self.latent_dim} (an autoregressive "
-                             f"network needs as many hidden units as inputs), got {self.flow_hidden!r}")
+        flows = {"latent_dim": self.latent_dim} if self.guide == "iaf" else {}
+        if self.prior == "flow":  # with two stochastic layers the prior is on z2
+            flows["top_latent_dim" if self.stochastic_layers == 2 else "latent_dim"] = self.prior_latent_dim
+        for name, size in flows.items():
+            if self.flow_hidden < size:
+                raise ValueError(f"flow_hidden must be at least {name}={size} (an autoregressive network "
+                                 f"needs as many hidden units as inputs), got {self.flow_hidden!r}")
         if isinstance(self.num_categories, bool) or not isinstance(self.num_categories, int) \
                 or self.num_categories < 2:
             raise ValueError(f"num_categories must be an integer >= 2, got {self.num_categories!r}")
@@ -105,3 +130,18 @@ class ModelConfig:
         for name in ("conditional", "straight_through"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def _validate_two_layers(self) -> None:
+        """Two stochastic layers put the prior on z2 and the guide on z1 (q(z2 | z1) is a
+        diagonal Gaussian); the parts that need one latent seen by both refuse."""
+        refused = {
+            ("prior", "vamp"): "the VampPrior is a mixture of the guide at pseudo-inputs, but the guide's "
+                               "first layer is q(z1 | x), not a distribution over z2",
+            ("prior", "categorical"): "the categorical prior and guide describe one discrete latent z",
+            ("guide", "categorical"): "the categorical prior and guide describe one discrete latent z",
+        }
+        for option in ("prior", "guide"):
+            reason = refused.get((option, getattr(self, option)))
+            if reason:
+                raise ValueError(f"--{option} {getattr(self, option)} does not work with --stochastic-layers 2: "
+                                 f"{reason}; use --stochastic-layers 1, or another --{option}")

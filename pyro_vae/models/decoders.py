@@ -2,8 +2,13 @@
 
 A decoder's ``forward(z, y=None)`` maps latents of shape ``(..., B, r)`` to a
 distribution with batch shape ``(..., B)`` and event shape ``(d,)``; the leading
-``...`` is a vectorized particle dimension when there is one.  ``check_data``
+``...`` is a vectorized particle dimension when there is one (the
+:class:`~pyro_vae.models.protocols.DecoderPart` protocol).  ``check_data``
 rejects data outside the likelihood's support before training starts.
+
+The decoders here share :class:`Decoder`, which holds the network (an MLP, or a
+transposed-convolution net for image data with ``network="conv"``); a user's
+decoder need not subclass it.
 """
 
 from __future__ import annotations
@@ -16,35 +21,37 @@ import torch
 from torch import nn
 
 from pyro_vae.models.guides import concat_condition
-from pyro_vae.models.networks import mlp
-
-
-class DataDomainError(ValueError):
-    """Data lies outside the support of the chosen decoder likelihood."""
+from pyro_vae.models.networks import decoder_network
+from pyro_vae.models.protocols import DataDomainError, check_finite, decoder_mean
 
 
 class Decoder(nn.Module):
-    """Base class: ``forward(z, y=None) -> Distribution`` over ``x``."""
+    """Shared implementation of the library's decoders: the network ``f`` from
+    ``(z, y)`` to the likelihood's parameters, ``features(z, y) = f([z, y])``.
+
+    ``network="conv"`` makes ``f`` a transposed-convolution net producing
+    ``image_shape`` (:class:`~pyro_vae.models.networks.ConvDecoderNet`).
+    """
 
     def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int], activation: str,
-                 condition_dim: int, outputs_per_pixel: int = 1) -> None:
+                 condition_dim: int, outputs_per_pixel: int = 1, network: str = "mlp",
+                 image_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.output_dim = output_dim
-        self.net = mlp(latent_dim + condition_dim, hidden, outputs_per_pixel * output_dim, activation)
+        self.net = decoder_network(latent_dim + condition_dim, hidden, output_dim, activation, network,
+                                   image_shape, outputs_per_pixel)
 
     def features(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.net(concat_condition(z, y))
 
     def mean(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """E[x | z], used for pictures of samples and reconstructions."""
-        return self(z, y).mean
+        return decoder_mean(self(z, y))
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         """Raise :class:`DataDomainError` if ``x`` is not finite."""
-        bad = (~torch.isfinite(x)).sum().item()
-        if bad:
-            raise DataDomainError(f"{what} has {bad} NaN or infinite values; the decoder needs finite inputs")
+        check_finite(x, what)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:  # pragma: no cover
         raise NotImplementedError
@@ -55,8 +62,10 @@ class BernoulliDecoder(Decoder):
     so that ``log p`` is the numerically stable ``-BCEWithLogits``."""
 
     def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", condition_dim: int = 0) -> None:
-        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim)
+                 activation: str = "relu", condition_dim: int = 0, network: str = "mlp",
+                 image_shape: Sequence[int] | None = None) -> None:
+        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim, network=network,
+                         image_shape=image_shape)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
         # Support is checked once on the whole data set (check_data), not per step;
@@ -85,8 +94,9 @@ class GaussianDecoder(Decoder):
 
     def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
                  activation: str = "relu", condition_dim: int = 0, sigma: float = 1.0,
-                 learn_sigma: bool = False) -> None:
-        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim)
+                 learn_sigma: bool = False, network: str = "mlp", image_shape: Sequence[int] | None = None) -> None:
+        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim, network=network,
+                         image_shape=image_shape)
         if not sigma > 0:
             raise ValueError(f"sigma_x must be positive, got {sigma!r}")
         log_sigma = torch.tensor(math.log(sigma))
@@ -115,8 +125,10 @@ class PixelScaleGaussianDecoder(GaussianDecoder):
     fixed ``sigma_x`` that sets the reconstruction/KL balance by hand."""
 
     def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", condition_dim: int = 0, sigma: float = 1.0) -> None:
-        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim, sigma=sigma, learn_sigma=True)
+                 activation: str = "relu", condition_dim: int = 0, sigma: float = 1.0, network: str = "mlp",
+                 image_shape: Sequence[int] | None = None) -> None:
+        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim, sigma=sigma, learn_sigma=True,
+                         network=network, image_shape=image_shape)
         self.log_sigma = nn.Parameter(torch.full((output_dim,), math.log(sigma)))
 
 
@@ -130,8 +142,10 @@ class ContinuousBernoulliDecoder(Decoder):
     """
 
     def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", condition_dim: int = 0) -> None:
-        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim)
+                 activation: str = "relu", condition_dim: int = 0, network: str = "mlp",
+                 image_shape: Sequence[int] | None = None) -> None:
+        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim, network=network,
+                         image_shape=image_shape)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
         return dist.ContinuousBernoulli(logits=self.features(z, y), validate_args=False).to_event(1)

@@ -38,10 +38,10 @@ from torch import nn
 from torch.distributions.utils import clamp_probs
 
 from pyro_vae.models.config import MIN_TEMPERATURE
-from pyro_vae.models.decoders import Decoder
 from pyro_vae.models.guides import Encoder, concat_condition
-from pyro_vae.models.networks import mlp
+from pyro_vae.models.networks import encoder_network
 from pyro_vae.models.priors import Prior
+from pyro_vae.models.protocols import DecoderPart, check_part_data, part_mean
 
 
 class ClampedRelaxedOneHotCategorical(dist.RelaxedOneHotCategorical):
@@ -148,10 +148,12 @@ class RelaxedCategoricalEncoder(_Relaxed, Encoder):
 
     def __init__(self, input_dim: int, num_latents: int, num_categories: int, hidden: Sequence[int] = (400,),
                  activation: str = "relu", condition_dim: int = 0,
-                 schedule: TemperatureSchedule = TemperatureSchedule(), straight_through: bool = False) -> None:
+                 schedule: TemperatureSchedule = TemperatureSchedule(), straight_through: bool = False,
+                 network: str = "mlp", image_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         self._init_latents(num_latents, num_categories, schedule, straight_through)
-        self.net = mlp(input_dim + condition_dim, hidden, self.latent_dim, activation)
+        self.net = encoder_network(input_dim, condition_dim, hidden, self.latent_dim, activation, network,
+                                   image_shape)
 
     def logits(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of shape ``(..., n, k)``."""
@@ -162,18 +164,20 @@ class RelaxedCategoricalEncoder(_Relaxed, Encoder):
         return self.latent_distribution(self.logits(x, y))
 
 
-class CategoricalLatentDecoder(Decoder):
+class CategoricalLatentDecoder(nn.Module):
     """Adapts any decoder to categorical latents: flattens ``z`` of shape
     ``(..., B, n, k)`` to the ``n * k`` one-hot features the wrapped decoder reads."""
 
-    def __init__(self, decoder: Decoder, num_latents: int, num_categories: int) -> None:
-        nn.Module.__init__(self)
-        if decoder.latent_dim != num_latents * num_categories:
-            raise ValueError(f"the wrapped decoder reads {decoder.latent_dim} latent features, expected "
-                             f"num_latents * num_categories = {num_latents * num_categories}")
+    def __init__(self, decoder: DecoderPart, num_latents: int, num_categories: int) -> None:
+        super().__init__()
+        self.latent_dim = num_latents * num_categories
+        wrapped = getattr(decoder, "latent_dim", self.latent_dim)
+        if wrapped != self.latent_dim:
+            raise ValueError(f"the wrapped decoder reads {wrapped} latent features, expected "
+                             f"num_latents * num_categories = {self.latent_dim}")
         self.decoder = decoder
-        self.latent_dim = decoder.latent_dim
-        self.output_dim = decoder.output_dim
+        if hasattr(decoder, "output_dim"):
+            self.output_dim = decoder.output_dim
 
     def _flat(self, z: torch.Tensor) -> torch.Tensor:
         return z.reshape(*z.shape[:-2], self.latent_dim)
@@ -182,10 +186,10 @@ class CategoricalLatentDecoder(Decoder):
         return self.decoder(self._flat(z), y)
 
     def mean(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decoder.mean(self._flat(z), y)
+        return part_mean(self.decoder, self._flat(z), y)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
-        self.decoder.check_data(x, what)
+        check_part_data(self.decoder, x, what)
 
     def set_progress(self, step: int, steps_per_epoch: int) -> None:
         hook = getattr(self.decoder, "set_progress", None)

@@ -36,7 +36,7 @@ from pyro.nn import AutoRegressiveNN, ConditionalAutoRegressiveNN
 from torch import nn
 
 from pyro_vae.models.guides import Encoder, concat_condition
-from pyro_vae.models.networks import mlp
+from pyro_vae.models.networks import encoder_network
 from pyro_vae.models.priors import Prior
 
 
@@ -98,12 +98,14 @@ class IAFEncoder(Encoder):
 
     def __init__(self, input_dim: int, latent_dim: int, num_steps: int = 2, flow_hidden: int = 128,
                  hidden: Sequence[int] = (400,), activation: str = "relu", condition_dim: int = 0,
-                 context_dim: int | None = None) -> None:
+                 context_dim: int | None = None, network: str = "mlp",
+                 image_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         _check_flow_sizes(latent_dim, num_steps, flow_hidden)
         self.latent_dim = latent_dim
         self.context_dim = flow_hidden if context_dim is None else context_dim
-        self.net = mlp(input_dim + condition_dim, hidden, 2 * latent_dim + self.context_dim, activation)
+        self.net = encoder_network(input_dim, condition_dim, hidden, 2 * latent_dim + self.context_dim, activation,
+                                   network, image_shape)
         self.steps = nn.ModuleList(
             T.ConditionalAffineAutoregressive(
                 ConditionalAutoRegressiveNN(latent_dim, self.context_dim, [flow_hidden]))

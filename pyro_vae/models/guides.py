@@ -2,7 +2,10 @@
 
 An encoder's ``forward(x, y=None)`` maps a batch ``x`` of shape ``(B, d)`` (and
 an optional one-hot label ``y`` of shape ``(B, c)``) to a distribution with
-batch shape ``(B,)`` and event shape ``(r,)``.
+batch shape ``(B,)`` and event shape ``(r,)`` (the
+:class:`~pyro_vae.models.protocols.EncoderPart` protocol).  Every encoder here
+takes ``network="conv"`` and an ``image_shape`` to read images through two
+strided convolutions instead of an MLP.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ import torch
 from torch import nn
 
 from pyro_vae.infer import kl  # noqa: F401  (registers KL(correlated Gaussian || diagonal Gaussian) for meanfield)
-from pyro_vae.models.networks import mlp
+from pyro_vae.models.networks import encoder_network, output_layer
 
 
-def zero_output_rows(net: nn.Sequential, start: int) -> None:
+def zero_output_rows(net: nn.Module, start: int) -> None:
     """Zero the weights and biases of the last layer's outputs ``start:``, so that a guide
     with extra covariance outputs starts as the diagonal guide (the reparameterized
     draw still gives those outputs gradients)."""
-    last = net[-1]
+    last = output_layer(net)
     with torch.no_grad():
         last.weight[start:].zero_()
         last.bias[start:].zero_()
@@ -36,7 +39,8 @@ def concat_condition(inputs: torch.Tensor, y: torch.Tensor | None) -> torch.Tens
 
 
 class Encoder(nn.Module):
-    """Base class: ``forward(x, y=None) -> Distribution`` over ``z``."""
+    """Optional base of an encoder with a ``latent_dim``: ``forward(x, y=None) -> Distribution``
+    over ``z``.  Any ``nn.Module`` with that ``forward`` is an encoder."""
 
     latent_dim: int
 
@@ -50,10 +54,12 @@ class DiagonalGaussianEncoder(Encoder):
     draw is the reparameterized ``z = mu + sigma * eps`` of Eq. (7)."""
 
     def __init__(self, input_dim: int, latent_dim: int, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", condition_dim: int = 0) -> None:
+                 activation: str = "relu", condition_dim: int = 0, network: str = "mlp",
+                 image_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        self.net = mlp(input_dim + condition_dim, hidden, 2 * latent_dim, activation)
+        self.net = encoder_network(input_dim, condition_dim, hidden, 2 * latent_dim, activation, network,
+                                   image_shape)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(mu, log_var)``, each of shape ``(..., r)``."""
@@ -77,13 +83,15 @@ class LowRankGaussianEncoder(Encoder):
     """
 
     def __init__(self, input_dim: int, latent_dim: int, rank: int = 2, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", condition_dim: int = 0) -> None:
+                 activation: str = "relu", condition_dim: int = 0, network: str = "mlp",
+                 image_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         if not 1 <= rank <= latent_dim:
             raise ValueError(f"rank must be between 1 and latent_dim={latent_dim}, got {rank!r}")
         self.latent_dim = latent_dim
         self.rank = rank
-        self.net = mlp(input_dim + condition_dim, hidden, (2 + rank) * latent_dim, activation)
+        self.net = encoder_network(input_dim, condition_dim, hidden, (2 + rank) * latent_dim, activation, network,
+                                   image_shape)
         zero_output_rows(self.net, 2 * latent_dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
@@ -107,13 +115,15 @@ class FullCovarianceEncoder(Encoder):
     """
 
     def __init__(self, input_dim: int, latent_dim: int, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", condition_dim: int = 0) -> None:
+                 activation: str = "relu", condition_dim: int = 0, network: str = "mlp",
+                 image_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
         # positions of the strictly lower entries in the row-major flattened r x r matrix
         self.register_buffer("below_index", rows * latent_dim + cols, persistent=False)
-        self.net = mlp(input_dim + condition_dim, hidden, 2 * latent_dim + rows.numel(), activation)
+        self.net = encoder_network(input_dim, condition_dim, hidden, 2 * latent_dim + rows.numel(), activation,
+                                   network, image_shape)
         zero_output_rows(self.net, 2 * latent_dim)
 
     def scale_tril(self, log_var: torch.Tensor, below: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A prior's ``forward(batch_size, y=None)`` returns a distribution whose batch
 shape is ``(batch_size,)`` (the data plate) and whose event shape is the latent
 shape, so the same object serves under ``pyro.plate("data")`` with or without a
-leading vectorized particle dimension.
+leading vectorized particle dimension (the
+:class:`~pyro_vae.models.protocols.PriorPart` protocol).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import nn
 
 
 class Prior(nn.Module):
-    """Base class: ``forward(batch_size, y=None) -> Distribution`` over ``z``."""
+    """Optional base of a prior with a ``latent_dim``: ``forward(batch_size, y=None) -> Distribution``
+    over ``z``.  Any ``nn.Module`` with that ``forward`` is a prior."""
 
     latent_dim: int
 
@@ -108,7 +110,8 @@ class VampPrior(Prior):
         if num_pseudo_inputs < 1:
             raise ValueError(f"num_pseudo_inputs must be a positive integer, got {num_pseudo_inputs!r}")
         self._encoder = (encoder,)  # a tuple hides it from nn.Module registration
-        self.latent_dim = encoder.latent_dim
+        if hasattr(encoder, "latent_dim"):
+            self.latent_dim = encoder.latent_dim
         self.num_pseudo_inputs = num_pseudo_inputs
         self.pseudo_inputs = nn.Parameter(torch.rand(num_pseudo_inputs, input_dim))
         self.pseudo_label_logits = (nn.Parameter(torch.zeros(num_pseudo_inputs, condition_dim))

@@ -15,35 +15,67 @@ latent site in both programs.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import pyro
 import torch
 from torch import nn
 
-from pyro_vae.models.decoders import Decoder
-from pyro_vae.models.guides import Encoder
-from pyro_vae.models.priors import Prior
+from pyro_vae.models.protocols import DecoderPart, EncoderPart, PriorPart, part_mean
 
 LATENT_SITE = "z"
 OBSERVED_SITE = "x"
 DATA_PLATE = "data"
 
 
+def one_hot_condition(y: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
+    """The conditioning vector of a conditional VAE: integer labels one-hot encoded
+    (float labels pass through as soft labels); ``None`` when ``num_classes`` is 0."""
+    if not num_classes:
+        return None
+    if y is None:
+        raise ValueError(f"this VAE is conditional (num_classes={num_classes}): pass labels y with x")
+    if y.dtype.is_floating_point:
+        return y
+    return nn.functional.one_hot(y, num_classes).to(torch.get_default_dtype())
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` keeps its first parameter or buffer (the CPU if it has none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def forward_progress(parts: Iterable[object], step: int, steps_per_epoch: int) -> None:
+    """Call ``set_progress(step, steps_per_epoch)`` on every part that defines it."""
+    for part in parts:
+        hook = getattr(part, "set_progress", None)
+        if callable(hook):
+            hook(step, steps_per_epoch)
+
+
 class VAE(nn.Module):
     """A VAE built from three swappable parts: ``prior``, ``encoder`` (the guide's
-    network) and ``decoder``.
+    network) and ``decoder``, each any ``nn.Module`` following the protocols of
+    :mod:`pyro_vae.models.protocols`.
 
     ``num_classes`` > 0 makes it conditional: the label ``y`` (int class indices,
     one-hot encoded here) enters both ``p(x | z, y)`` and ``q(z | x, y)``.
+    Parts that declare a ``latent_dim`` must agree on it; parts without one are
+    not checked here (the registry probes the parts it imports).
     """
 
-    def __init__(self, prior: Prior, encoder: Encoder, decoder: Decoder, num_classes: int = 0,
+    #: The latent sample sites, outermost first.
+    latent_sites = (LATENT_SITE,)
+
+    def __init__(self, prior: PriorPart, encoder: EncoderPart, decoder: DecoderPart, num_classes: int = 0,
                  name: str = "vae") -> None:
         super().__init__()
-        if prior.latent_dim != encoder.latent_dim or decoder.latent_dim != prior.latent_dim:
-            raise ValueError(
-                f"latent sizes disagree: prior {prior.latent_dim}, encoder {encoder.latent_dim}, "
-                f"decoder {decoder.latent_dim}"
-            )
+        declared = {role: getattr(part, "latent_dim") for role, part in
+                    (("prior", prior), ("encoder", encoder), ("decoder", decoder)) if hasattr(part, "latent_dim")}
+        if len(set(declared.values())) > 1:
+            raise ValueError("latent sizes disagree: " + ", ".join(f"{role} {dim}" for role, dim in declared.items()))
         self.prior = prior
         self.encoder = encoder
         self.decoder = decoder
@@ -52,26 +84,22 @@ class VAE(nn.Module):
 
     @property
     def latent_dim(self) -> int:
-        return self.prior.latent_dim
+        """Number of latent features: a part's declared ``latent_dim``, else the prior's event size."""
+        for part in (self.prior, self.encoder, self.decoder):
+            if hasattr(part, "latent_dim"):
+                return part.latent_dim
+        c = None if not self.num_classes else torch.zeros(1, self.num_classes, device=module_device(self))
+        with torch.no_grad():
+            return self.prior(1, c).event_shape.numel()
 
     def set_progress(self, step: int, steps_per_epoch: int) -> None:
         """Called by the trainer before every step: parts with schedules of their
         own (e.g. a relaxation temperature) define ``set_progress`` too."""
-        for part in (self.prior, self.encoder, self.decoder):
-            hook = getattr(part, "set_progress", None)
-            if hook is not None:
-                hook(step, steps_per_epoch)
+        forward_progress((self.prior, self.encoder, self.decoder), step, steps_per_epoch)
 
     def condition(self, y: torch.Tensor | None) -> torch.Tensor | None:
         """One-hot encode integer labels for a conditional VAE; ``None`` otherwise."""
-        if not self.num_classes:
-            return None
-        if y is None:
-            raise ValueError("this VAE is conditional (num_classes="
-                             f"{self.num_classes}): pass labels y with x")
-        if y.dtype.is_floating_point:
-            return y
-        return nn.functional.one_hot(y, self.num_classes).to(torch.get_default_dtype())
+        return one_hot_condition(y, self.num_classes)
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Generative model p(x, z) = p(x | z) p(z) (Sec. 1.2)."""
@@ -94,11 +122,11 @@ class VAE(nn.Module):
         """Decoder mean at one draw z ~ q(z | x)."""
         c = self.condition(y)
         z = self.encoder(x, c).sample()
-        return self.decoder.mean(z, c)
+        return part_mean(self.decoder, z, c)
 
     @torch.no_grad()
     def sample(self, num_samples: int, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder means at ``num_samples`` draws from the prior."""
         c = self.condition(y)
         z = self.prior(num_samples, c).sample()
-        return self.decoder.mean(z, c)
+        return part_mean(self.decoder, z, c)
