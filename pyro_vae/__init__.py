@@ -12,7 +12,8 @@ from pyro_vae.data import load_dataset
 from pyro_vae.infer.objectives import OBJECTIVES, make_elbo
 from pyro_vae.infer.scale import latent_scale
 from pyro_vae.models.config import ModelConfig
-from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS, build_vae
+from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS, build_model, build_vae
+from pyro_vae.models.two_layer import TwoLayerVAE
 from pyro_vae.models.vae import VAE
 from pyro_vae.train.config import TrainConfig
 from pyro_vae.train.program import Program
@@ -32,5 +33,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["VAE", "ModelConfig", "TrainConfig", "Program", "Trainer", "TrainResult", "Run", "train", "evaluate",
-           "load_run", "load_dataset", "build_vae", "make_elbo", "latent_scale", "OBJECTIVES", "PRIORS", "GUIDES",
+           "load_run", "load_dataset", "build_model", "build_vae", "TwoLayerVAE", "make_elbo", "latent_scale", "OBJECTIVES", "PRIORS", "GUIDES",
            "DECODERS", "__version__"]

@@ -53,6 +53,17 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"pseudo-inputs of --prior vamp (default {m.pseudo_inputs})")
     g.add_argument("--flow-steps", type=positive_int, default=S,
                    help=f"autoregressive steps of --prior flow and --guide iaf (default {m.flow_steps})")
+    g.add_argument("--network", default=S, choices=["mlp", "conv"],
+                   help=f"guide and decoder networks: mlp, or conv for image data (ignores --hidden; "
+                        f"default {m.network})")
+    g.add_argument("--stochastic-layers", type=positive_int, default=S, choices=[1, 2],
+                   help="1, or 2 for p(z2) p(z1 | z2) p(x | z1) (Burda et al. 2016); --latent-dim is then "
+                        f"z1's size (default {m.stochastic_layers})")
+    g.add_argument("--top-latent-dim", type=positive_int, default=S,
+                   help=f"size of z2 with --stochastic-layers 2 (default {m.top_latent_dim})")
+    g.add_argument("--top-hidden", type=positive_int, nargs="+", default=S,
+                   help="hidden sizes of the z1 <-> z2 networks with --stochastic-layers 2 "
+                        f"(default {' '.join(map(str, m.top_hidden))})")
     g.add_argument("--flow-hidden", type=positive_int, default=S,
                    help=f"hidden units per autoregressive network, >= latent dim (default {m.flow_hidden})")
     g.add_argument("--guide-rank", type=positive_int, default=S,

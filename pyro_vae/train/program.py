@@ -231,19 +231,18 @@ def build_program(config: "TrainConfig", input_dim: int, num_classes: int | None
     pyro.clear_param_store()
     if config.program:
         return import_program(config.program, input_dim, num_classes, image_shape, config.model)
-    from pyro_vae.models.registry import build_vae
+    if config.model.stochastic_layers == 2 and config.objective == "meanfield":
+        raise ProgramError("objective 'meanfield' does not apply to --stochastic-layers 2: the guide q(z2 | z1) "
+                           "q(z1 | x) is not mean-field, so TraceMeanField_ELBO's analytic KL would be biased; "
+                           "use trace, iwae or renyi")
+    from pyro_vae.models.registry import build_model
 
-    return as_program(build_vae(config.model, input_dim, num_classes))
+    return as_program(build_model(config.model, input_dim, num_classes, image_shape))
 
 
 def check_program_data(program: Program, x: torch.Tensor, what: str) -> None:
     """Reject data the program's likelihood cannot score: the decoder's own ``check_data`` hook
-    when the program has one, else only non-finite values."""
-    decoder = getattr(program.module, "decoder", None)
-    hook = getattr(decoder, "check_data", None)
-    if hook is not None:
-        hook(x, what)
-        return
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        raise ValueError(f"{what} has {bad} NaN or infinite values; the model needs finite inputs")
+    when the program has a decoder with one, else only non-finite values."""
+    from pyro_vae.models.protocols import check_part_data
+
+    check_part_data(getattr(program.module, "decoder", None), x, what)
