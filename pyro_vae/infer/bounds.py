@@ -10,6 +10,10 @@ With draws ``z_k ~ q(z | x)``, ``k = 1..K``, and log-weights
 * Renyi bound (Li & Turner 2016), ``1/(1-a) log (1/K) sum_k w_k^(1-a)``: the
   IWAE bound at ``a = 0``, the ELBO as ``a -> 1``, below the ELBO for ``a > 1``.
 
+and, from a reconstruction term and a KL, the canonical (beta-weighted) ELBO
+(:func:`canonical_elbo`, :func:`sgvb_estimator`) and the gap that the KL
+identity makes of ``log p(x) - ELBO`` (:func:`posterior_gap`).
+
 Every objective, fast estimator, evaluator and test calls these functions;
 see ``docs/derivations.md`` for the derivations.  The particle dimension is
 ``dim`` (0 by default); the other dimensions are kept.
@@ -28,8 +32,26 @@ def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def elbo_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Monte Carlo ELBO ``(1/K) sum_k log w_k``."""
+    """Monte Carlo ELBO ``(1/K) sum_k log w_k``, ``log w = log p(x, z) - log q(z | x)``,
+    an unbiased estimate of ``E_q[log p(x, z) - log q(z | x)]`` (Kingma & Welling 2014,
+    Eq. 3 and the SGVB estimator A, Eq. 6; docs/derivations.md, the ELBO)."""
     return log_weights.mean(dim)
+
+
+def canonical_elbo(reconstruction: torch.Tensor, kl: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """``E_q[log p(x | z)] - beta KL(q(z | x) || p(z))``: the ELBO in its canonical form
+    (Kingma & Welling 2014, Eq. 3) and, for ``beta != 1``, the beta-VAE objective
+    (Higgins et al. 2017, Eq. 4).  Elementwise; ``beta = 1`` adds no operation."""
+    return reconstruction - kl if beta == 1.0 else reconstruction - beta * kl
+
+
+def sgvb_estimator(log_likelihoods: torch.Tensor, kl: torch.Tensor, beta: float = 1.0,
+                   dim: int = 0) -> torch.Tensor:
+    """The SGVB estimator B (Kingma & Welling 2014, Eq. 7), beta-weighted:
+    ``(1/K) sum_k log p(x | z_k) - beta KL(q(z | x) || p(z))`` with reparameterized draws
+    ``z_k = mu + sigma * eps_k`` along ``dim`` of ``log_likelihoods`` and the closed-form KL;
+    with ``K = 1`` the single-sample estimator."""
+    return canonical_elbo(elbo_bound(log_likelihoods, dim), kl, beta)
 
 
 def iwae_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -59,6 +81,13 @@ def grouped_iwae_bound(log_weights: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"IWAE with k={k} needs 1 <= k <= {log_weights.shape[0]} draws per point")
     grouped = log_weights[:groups * k].reshape(groups, k, *log_weights.shape[1:])
     return iwae_bound(grouped, dim=1).mean(0)
+
+
+def posterior_gap(log_evidence: torch.Tensor, elbo: torch.Tensor) -> torch.Tensor:
+    """``log p(x) - ELBO = KL(q(z | x) || p(z | x)) >= 0``, the KL identity
+    (Kingma & Welling 2014, Eq. 1; docs/derivations.md, the KL identity): how far the
+    guide is from the true posterior, estimated with ``log p(x)`` from a large-K IWAE bound."""
+    return log_evidence - elbo
 
 
 class StreamingLogMeanExp:

@@ -15,11 +15,20 @@ def preserved_rng() -> Iterator[None]:
     A probe run (guessing the plate nesting, checking an estimator against Pyro)
     then changes none of the draws that training or evaluation make afterwards.
     """
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    state = get_rng_state()
     try:
         yield
     finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        set_rng_state(state)
+
+
+def get_rng_state() -> tuple:
+    """torch's CPU generator state and, when CUDA is initialized, every CUDA generator's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def set_rng_state(state: tuple) -> None:
+    """Put back a :func:`get_rng_state`."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])

@@ -28,11 +28,18 @@ from typing import Callable, NamedTuple
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
+from pyro_vae.infer.direct import (
+    bound_vae,
+    direct_log_weights,
+    only_latent_scales_active,
+)
 from pyro_vae.infer.rng import preserved_rng
+from pyro_vae.infer.scale import current_latent_scale
+from pyro_vae.models.vae import LATENT_SITE
 
 #: The name Pyro's estimators give their vectorized particle plate.
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -94,10 +101,20 @@ def trace_pair(model: Callable, guide: Callable, *args, num_particles: int | Non
     return traces(model, guide, args, kwargs, num_particles, -(nesting + 1))
 
 
-def site_log_densities(trace: Trace) -> dict[str, torch.Tensor]:
-    """Each random site's scaled and masked log-density (summed over its event dims), by name."""
-    trace.compute_log_prob(lambda name, site: is_random_site(site))
-    return {name: site["log_prob"] for name, site in trace.nodes.items() if is_random_site(site)}
+def site_log_prob(site: dict) -> torch.Tensor:
+    """A site's log-density, summed over its event dims, scaled and masked as the site says;
+    computed once and kept on the site (``site["log_prob"]``), as ``Trace.compute_log_prob`` does."""
+    log_prob = site.get("log_prob")
+    if log_prob is None:
+        log_prob = scale_and_mask(site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"]),
+                                  site["scale"], site["mask"])
+        site["log_prob"] = log_prob
+    return log_prob
+
+
+def random_sites(sites: dict) -> dict[str, dict]:
+    """The random sites (:func:`is_random_site`) of a trace's nodes or another ``name -> site`` map."""
+    return {name: site for name, site in sites.items() if is_random_site(site)}
 
 
 def per_point(log_density: torch.Tensor, keep: tuple[int, ...], ndim: int) -> torch.Tensor:
@@ -112,42 +129,63 @@ def per_point(log_density: torch.Tensor, keep: tuple[int, ...], ndim: int) -> to
     return log_density.reshape([log_density.shape[d] for d in keep])
 
 
-def weights_from_traces(guide_trace: Trace, model_trace: Trace, keep: tuple[int, ...],
-                        ndim: int, data_plate: str | None = None) -> LogWeights:
-    """:class:`LogWeights` of the two traces, each summed down to the dims in ``keep``.
+def weights_from_sites(model_sites: dict[str, dict], guide_sites: dict[str, dict],
+                       reduce: Callable[[torch.Tensor], torch.Tensor], parts: bool = True) -> LogWeights:
+    """:class:`LogWeights` from the random sites of the guide and of the model replayed on it,
+    each site's log-density first reduced by ``reduce`` (e.g. to ``(K, B)``).
 
-    ``data_plate``, when given, must hold every site (else a site's density is not
-    per data point).  Terms are added model sites first, in program order, then
-    the guide's subtracted, as Pyro's estimators add them.
+    ``log_weight`` adds the model's sites in program order and subtracts the
+    guide's, the order Pyro's estimators add them in, so it is their
+    per-particle weight to the bit.  With ``parts=False`` only ``log_weight`` is
+    computed (``reconstruction`` and ``latent`` are ``None``, ``sites`` empty):
+    what a training step needs.
     """
-    model_lp = site_log_densities(model_trace)
-    guide_lp = site_log_densities(guide_trace)
-    recon = latent = None
+    total = recon = None
     sites: dict[str, torch.Tensor] = {}
-    for name, lp in model_lp.items():
-        site = model_trace.nodes[name]
-        _check_site(site, data_plate)
-        lp = per_point(lp, keep, ndim)
+    for name, site in model_sites.items():
+        lp = reduce(site_log_prob(site))
+        total = lp if total is None else total + lp
         if site["is_observed"]:
-            recon = lp if recon is None else recon + lp
+            if parts:
+                recon = lp if recon is None else recon + lp
             continue
-        if name not in guide_lp:
+        if name not in guide_sites:
             raise ValueError(f"latent site {name!r} of the model is not in the guide: it has no importance weight")
-        latent = lp if latent is None else latent + lp
-        sites[name] = lp
-    for name, lp in guide_lp.items():
-        site = guide_trace.nodes[name]
+        if parts:
+            sites[name] = lp
+    has_latent = False
+    for name, site in guide_sites.items():
         if site["is_observed"]:
             continue
-        _check_site(site, data_plate)
-        lp = per_point(lp, keep, ndim)
-        latent = -lp if latent is None else latent - lp
-        sites[name] = sites[name] - lp if name in sites else -lp
-    if recon is None or latent is None:
+        has_latent = True
+        lp = reduce(site_log_prob(site))
+        total = -lp if total is None else total - lp
+        if parts:
+            sites[name] = sites[name] - lp if name in sites else -lp
+    observed = any(site["is_observed"] for site in model_sites.values())
+    if total is None or not has_latent or not observed:
         raise ValueError("importance weights need an observed site and at least one latent site")
-    shape = torch.broadcast_shapes(recon.shape, latent.shape)
-    recon, latent = recon.expand(shape), latent.expand(shape)
-    return LogWeights(recon + latent, recon, latent, {name: s.expand(shape) for name, s in sites.items()})
+    if not parts:
+        return LogWeights(total, None, None, {})
+    latent = None
+    for value in sites.values():
+        latent = value if latent is None else latent + value
+    shape = total.shape
+    return LogWeights(total, recon.expand(shape), latent.expand(shape),
+                      {name: value.expand(shape) for name, value in sites.items()})
+
+
+def weights_of_traces(guide_trace: Trace, model_trace: Trace, data_plate: str = DATA_PLATE) -> LogWeights:
+    """``(K, B)`` :class:`LogWeights` of a :func:`trace_pair` taken with particles (for callers that
+    also need the traces' draws, e.g. to export them)."""
+    model_sites, guide_sites = random_sites(model_trace.nodes), random_sites(guide_trace.nodes)
+    for site in (*model_sites.values(), *guide_sites.values()):
+        if not any(frame.name == data_plate for frame in site["cond_indep_stack"]):
+            raise ValueError(f"site {site['name']!r} is outside the plate {data_plate!r}: "
+                             "its log-density is not per data point")
+    ndim = -_plate_dim(model_trace, PARTICLE_PLATE)
+    keep = (-ndim, _plate_dim(model_trace, data_plate))
+    return weights_from_sites(model_sites, guide_sites, lambda lp: per_point(lp, keep, ndim))
 
 
 def log_weights(model: Callable, guide: Callable, *args, num_particles: int = 1, data_plate: str = DATA_PLATE,
@@ -158,7 +196,7 @@ def log_weights(model: Callable, guide: Callable, *args, num_particles: int = 1,
     The dim of the plate named ``data_plate`` is kept; event dims and every other
     plate are summed.  A built-in :class:`~pyro_vae.models.vae.VAE`'s own
     ``model``/``guide`` with object-free parts take the direct path of
-    :func:`~pyro_vae.infer.fast.direct_log_weights`: the same draws and floats,
+    :func:`~pyro_vae.infer.direct.direct_log_weights`: the same draws and floats,
     without the traces.
     """
     _check_particles(num_particles)
@@ -169,25 +207,11 @@ def log_weights(model: Callable, guide: Callable, *args, num_particles: int = 1,
     return weights_of_traces(guide_trace, model_trace, data_plate)
 
 
-def weights_of_traces(guide_trace: Trace, model_trace: Trace, data_plate: str = DATA_PLATE) -> LogWeights:
-    """``(K, B)`` :class:`LogWeights` of a :func:`trace_pair` taken with particles (for callers that
-    also need the traces' draws, e.g. to export them)."""
-    data_dim = _plate_dim(model_trace, data_plate)
-    ndim = _particle_frame_dim(model_trace)
-    return weights_from_traces(guide_trace, model_trace, (-ndim, data_dim), ndim, data_plate)
-
-
 # -- helpers -------------------------------------------------------------------------------------
 
 def _check_particles(num_particles: int) -> None:
     if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
-
-
-def _check_site(site: dict, data_plate: str | None) -> None:
-    if data_plate is not None and not any(f.name == data_plate for f in site["cond_indep_stack"]):
-        raise ValueError(f"site {site['name']!r} is outside the plate {data_plate!r}: "
-                         "its log-density is not per data point")
 
 
 def _plate_dim(trace: Trace, name: str) -> int:
@@ -198,36 +222,18 @@ def _plate_dim(trace: Trace, name: str) -> int:
     raise ValueError(f"no plate named {name!r} in the model (pass data_plate=... to name the data plate)")
 
 
-def _particle_frame_dim(trace: Trace) -> int:
-    """The number of dims up to and including the particle plate's."""
-    return -_plate_dim(trace, PARTICLE_PLATE)
-
-
-def _bound_vae(model: Callable, guide: Callable):
-    """The built-in VAE whose own ``model`` and ``guide`` these are, else ``None``."""
-    from pyro_vae.models.vae import VAE
-
-    vae = getattr(model, "__self__", None)
-    if not isinstance(vae, VAE) or getattr(guide, "__self__", None) is not vae:
-        return None
-    if getattr(model, "__func__", None) is not VAE.model or getattr(guide, "__func__", None) is not VAE.guide:
-        return None
-    return vae
-
-
 def _known_nesting(model: Callable, guide: Callable) -> int | None:
     """1 for a built-in VAE's own programs (one data plate), else unknown."""
-    return 1 if _bound_vae(model, guide) is not None else None
+    return 1 if bound_vae(model, guide) is not None else None
 
 
 def _direct_log_weights(model, guide, args, kwargs, num_particles, data_plate) -> LogWeights | None:
-    from pyro_vae.infer.fast import direct_log_weights
-
-    vae = _bound_vae(model, guide)
-    if vae is None or kwargs or data_plate != DATA_PLATE or _PYRO_STACK or not 1 <= len(args) <= 2:
+    vae = bound_vae(model, guide)
+    if (vae is None or kwargs or data_plate != DATA_PLATE or not 1 <= len(args) <= 2
+            or not only_latent_scales_active()):
         return None
-    parts = direct_log_weights(vae, *args, num_particles=num_particles)
+    parts = direct_log_weights(vae, *args, num_particles=num_particles, scale=current_latent_scale())
     if parts is None:
         return None
     log_weight, recon, latent = parts
-    return LogWeights(log_weight, recon, latent, {"z": latent})
+    return LogWeights(log_weight, recon, latent, {LATENT_SITE: latent})

@@ -1,4 +1,4 @@
-"""The direct (compiled) loss of pyro_vae.infer.fast is the Pyro estimator, only faster.
+"""The direct loss of pyro_vae.infer.direct is the Pyro estimator, only faster.
 
 Every check compares against Pyro itself on the same random draws (same seed
 before each side): ``make_elbo(...).differentiable_loss`` for trace, meanfield
@@ -7,8 +7,10 @@ and iwae, and ``pyro.infer.RenyiELBO(...).loss`` for renyi.
 To cover a new prior, guide or decoder, add one line to ``PART_CASES``.
 """
 
+import contextlib
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
@@ -17,22 +19,26 @@ import pytest
 import torch
 from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO
 
-import pyro_vae.infer.fast as fast_step
-from pyro_vae.evaluation import importance
-from pyro_vae.infer.fast import (
+import pyro_vae.infer.direct as direct_module
+from pyro_vae.infer.bounds import iwae_bound
+from pyro_vae.infer.densities import bernoulli_log_likelihood
+from pyro_vae.infer.direct import (
     BernoulliLogits,
     DiagonalNormal,
     DirectLoss,
-    DirectLossMismatch,
     StandardNormal,
-    check_direct_loss,
     diagonal_normal_kl,
     direct_log_weights,
+)
+from pyro_vae.infer.fast import (
+    LossMismatch,
+    check_loss_fn,
     make_loss_fn,
     make_optimizer,
 )
 from pyro_vae.infer.objectives import make_elbo
 from pyro_vae.infer.scale import latent_scale
+from pyro_vae.infer.weights import log_weights, trace_pair, weights_of_traces
 from pyro_vae.models.decoders import BernoulliDecoder
 from pyro_vae.models.guides import DiagonalGaussianEncoder
 from pyro_vae.models.priors import Prior
@@ -126,8 +132,10 @@ def assert_grads_close(got, expected, rtol=1e-5):
 
 #: Set-ups whose three parts all have object-free fast forms: tested both ways, and must use them.
 FAST_PART_CASES = {"bernoulli", "gaussian", "gaussian-learned", "conditional", "conditional-gaussian"}
+#: renyi differs from iwae only in alpha: checked on the object-free parts alone.
 DIRECT_CASES = [(part, objective, fast) for part in PART_CASES for objective in OBJECTIVES
-                for fast in ((True, False) if part in FAST_PART_CASES else (False,))]
+                for fast in ((True, False) if part in FAST_PART_CASES else (False,))
+                if objective != "renyi" or fast]
 
 
 @pytest.mark.parametrize("part,objective,fast_parts", DIRECT_CASES,
@@ -184,16 +192,17 @@ def test_fast_distributions_reproduce_torch_to_the_bit():
     assert torch.equal(BernoulliLogits(logits).log_prob(x), dist.Bernoulli(logits=logits).to_event(1).log_prob(x))
 
 
-def test_a_vae_subclass_that_overrides_model_falls_back_to_pyro():
+def test_a_vae_subclass_that_overrides_model_is_not_taken_for_the_builtin_one():
     class TemperedVAE(VAE):
         def model(self, x, y=None):
             with pyro.poutine.scale(scale=0.5):
                 return super().model(x, y)
 
-    base, _, _ = make_case("bernoulli")
+    base, x, _ = make_case("bernoulli")
     vae = TemperedVAE(base.prior, base.encoder, base.decoder)
     elbo = make_elbo("trace")
-    assert make_loss_fn(elbo, vae, torch.zeros(4, INPUT_DIM)) == elbo.differentiable_loss
+    loss_fn = make_loss_fn(elbo, vae.model, vae.guide, (x,))
+    assert not isinstance(loss_fn, DirectLoss)  # the lean estimator reads the subclass's own program
     with pytest.raises(ValueError, match="TemperedVAE overrides model or guide"):
         DirectLoss(elbo, vae)
 
@@ -202,12 +211,14 @@ def test_a_vae_subclass_that_overrides_model_falls_back_to_pyro():
                                   Trace_ELBO(num_particles=3, vectorize_particles=False, max_plate_nesting=1),
                                   Trace_ELBO(max_plate_nesting=2)],
                          ids=["jit", "sequential-particles", "two-plates"])
-def test_estimators_without_a_direct_form_fall_back_to_pyro(elbo):
+def test_estimators_without_a_direct_form_do_not_get_one(elbo):
     vae, x, _ = make_case("bernoulli")
-    assert make_loss_fn(elbo, vae, x) == elbo.differentiable_loss
+    with pytest.warns(UserWarning) if type(elbo) is JitTrace_ELBO else _no_warning():
+        loss_fn = make_loss_fn(elbo, vae.model, vae.guide, (x,))
+    assert not isinstance(loss_fn, DirectLoss)
 
 
-def test_other_programs_go_to_the_pyro_estimator():
+def test_other_programs_and_other_handlers_go_to_the_pyro_estimator():
     vae, x, _ = make_case("bernoulli")
     other, _, _ = make_case("gaussian")
     elbo = make_elbo("trace")
@@ -216,32 +227,64 @@ def test_other_programs_go_to_the_pyro_estimator():
     expected = elbo.differentiable_loss(other.model, other.guide, x)
     pyro.set_rng_seed(3)
     assert value(direct(other.model, other.guide, x)) == pytest.approx(value(expected), rel=1e-6)
+    with pyro.poutine.scale(scale=0.5):  # a handler the direct loss does not reproduce
+        pyro.set_rng_seed(3)
+        expected = elbo.differentiable_loss(vae.model, vae.guide, x)
+        pyro.set_rng_seed(3)
+        assert value(direct(vae.model, vae.guide, x)) == pytest.approx(value(expected), rel=1e-6)
 
 
 def test_a_drifted_fast_part_is_caught_and_the_distributions_used(monkeypatch):
     vae, x, _ = make_case("bernoulli")
-    monkeypatch.setitem(fast_step.FAST_DECODERS, BernoulliDecoder,
+    monkeypatch.setitem(direct_module.FAST_DECODERS, BernoulliDecoder,
                         lambda decoder, z, c: BernoulliLogits(2 * decoder.features(z, c)))
-    with pytest.warns(UserWarning, match="using the parts' own distributions"):
-        loss_fn = make_loss_fn(make_elbo("trace"), vae, x)
+    with pytest.warns(UserWarning, match="distribution objects"):
+        loss_fn = make_loss_fn(make_elbo("trace"), vae.model, vae.guide, (x,))
     assert isinstance(loss_fn, DirectLoss) and not loss_fn.fast_parts
 
 
-def test_a_wrong_direct_loss_falls_back_to_pyro_with_a_warning(monkeypatch):
+#: The one-home functions the direct loss calls, each replaced by a wrong version: the check must notice.
+BROKEN_EQUATIONS = {
+    "_scaled": ("trace", lambda log_density, scale: log_density),  # ignores the latent scale
+    "reparameterize": ("trace", lambda loc, scale, eps: loc + 0.5 * eps * scale),
+    "diagonal_gaussian_log_density": ("trace", lambda value, loc, scale: ((value - loc) ** 2 / -scale**2).sum(-1)),
+    "standard_normal_log_density": ("trace", lambda value: (value**2 / -3).sum(-1)),
+    "bernoulli_log_likelihood": ("trace", lambda x, logits: -bernoulli_log_likelihood(x, logits)),
+    "gaussian_kl_to_standard_normal": ("meanfield", lambda loc, scale: 0.9 * (loc**2 + scale**2).sum(-1)),
+    "sgvb_estimator": ("meanfield", lambda log_lik, kl, beta: log_lik.mean(0) - kl),
+    "elbo_bound": ("trace", lambda log_w: 1.1 * log_w.mean(0)),
+    "renyi_bound": ("iwae", lambda log_w, alpha: log_w.mean(0)),
+}
+
+
+@pytest.mark.parametrize("function", sorted(BROKEN_EQUATIONS))
+def test_the_direct_loss_runs_the_one_home_of_each_equation(monkeypatch, function):
+    """Break a function and the direct loss (fast parts) disagrees with Pyro: it is the code that runs."""
     vae, x, _ = make_case("bernoulli")
-    monkeypatch.setattr(fast_step, "_scaled", lambda log_density, scale: log_density)  # ignores kl_scale
+    objective, broken = BROKEN_EQUATIONS[function]
+    elbo = make_elbo(objective, *OBJECTIVES[objective])
+    check_loss_fn(DirectLoss(elbo, vae), elbo, vae.model, vae.guide, (x,))  # passes as shipped
+    monkeypatch.setattr(direct_module, function, broken)
+    with pytest.raises(LossMismatch):
+        check_loss_fn(DirectLoss(elbo, vae), elbo, vae.model, vae.guide, (x,))
+
+
+def test_a_wrong_direct_loss_falls_back_with_a_warning(monkeypatch):
+    vae, x, _ = make_case("bernoulli")
+    monkeypatch.setattr(direct_module, "_scaled", lambda log_density, scale: log_density)  # ignores the scale
     elbo = make_elbo("trace")
-    with pytest.raises(DirectLossMismatch, match="kl_scale=0.3"):
-        check_direct_loss(DirectLoss(elbo, vae), x)
-    with pytest.warns(UserWarning, match="training with the Pyro estimator instead"):
-        assert make_loss_fn(elbo, vae, x) == elbo.differentiable_loss
+    with pytest.raises(LossMismatch, match="latent scale 0.3"):
+        check_loss_fn(DirectLoss(elbo, vae), elbo, vae.model, vae.guide, (x,))
+    with pytest.warns(UserWarning, match="latent scale 0.3.*using FastTrace_ELBO instead"):
+        loss_fn = make_loss_fn(elbo, vae.model, vae.guide, (x,))
+    assert getattr(loss_fn, "__self__", None).__class__.__name__ == "FastTrace_ELBO"
 
 
 def test_the_check_leaves_rng_and_gradients_untouched():
     vae, x, _ = make_case("bernoulli")
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    assert isinstance(make_loss_fn(make_elbo("iwae", 5), vae, x), DirectLoss)
+    assert isinstance(make_loss_fn(make_elbo("iwae", 5), vae.model, vae.guide, (x,)), DirectLoss)
     assert torch.equal(torch.get_rng_state(), before)
     assert all(p.grad is None for p in vae.parameters())
 
@@ -263,14 +306,15 @@ def test_the_direct_loss_never_syncs_with_the_host(monkeypatch):
 
 @pytest.mark.parametrize("part", sorted(FAST_PART_CASES))
 def test_direct_log_weights_equal_the_traced_ones(part):
-    """The object-free importance weights (for K = 5000 evaluation) are pyro_vae.evaluation.importance's, to the bit."""
+    """The object-free importance weights are those of the traced programs, to the bit."""
     vae, x, y = make_case(part)
+    args = (x,) if y is None else (x, y)
     for k in (1, 6):
         pyro.set_rng_seed(2)
-        expected = importance.log_weights(vae, x, y, k)
+        expected = weights_of_traces(*trace_pair(vae.model, vae.guide, *args, num_particles=k))
         pyro.set_rng_seed(2)
         got = direct_log_weights(vae, x, y, k)
-        for g, e in zip(got, expected, strict=True):
+        for g, e in zip(got, expected[:3], strict=True):
             assert g.shape == (k, BATCH) and torch.equal(g, e)
 
 
@@ -308,7 +352,8 @@ def test_the_benchmarks_handwritten_loop_is_the_same_estimator(objective):
     got = handwritten.negative_elbo_sum(vae.encoder.net, vae.decoder.net, x, objective, k)
     assert value(got) == pytest.approx(value(expected), rel=1e-5)
     pyro.set_rng_seed(5)
-    expected = importance.importance_log_likelihood(vae, x, None, 40)
+    with torch.no_grad():
+        expected = iwae_bound(log_weights(vae.model, vae.guide, x, num_particles=40).log_weight)
     pyro.set_rng_seed(5)
     got = handwritten.importance_log_likelihood(vae.encoder.net, vae.decoder.net, x, 40, chunk_size=40,
                                                 batch_size=BATCH)
@@ -324,19 +369,28 @@ def _handwritten():
 
 
 
-@pytest.mark.parametrize("objective,extra", [("trace", {}), ("iwae", {"particles": 3})])
+@pytest.mark.parametrize("objective,extra", [("iwae", {"particles": 3})])
 def test_training_through_the_direct_loss_is_training_through_pyro(tmp_path, digits, monkeypatch, objective, extra):
     """An epoch with the trainer's direct loss ends at the same parameters as one with Pyro's estimator."""
     config = dict(latent_dim=4, hidden=[32], batch_size=64, progress=False, patience=0, epochs=1, beta=0.5,
                   objective=objective, **extra)
     fast = Trainer(TrainConfig.from_flat(dict(run_dir=str(tmp_path / "fast"), **config)), dataset=digits)
     assert isinstance(fast.loss_fn, DirectLoss) and fast.loss_fn.fast_parts
-    initial = [p.detach().clone() for p in fast.vae.parameters()]
+    fast_params = fast.optimizer.param_groups[0]["params"]
+    initial = [p.detach().clone() for p in fast_params]
     fast.fit()
-    monkeypatch.setattr("pyro_vae.train.trainer.make_loss_fn", lambda elbo, vae, x, y: elbo.differentiable_loss)
+    monkeypatch.setattr(sys.modules[Trainer.__module__], "make_loss_fn",
+                        lambda elbo, model, guide, probe_args=None: elbo.differentiable_loss)
     slow = Trainer(TrainConfig.from_flat(dict(run_dir=str(tmp_path / "pyro"), **config)), dataset=digits)
     assert slow.loss_fn == slow.elbo.differentiable_loss
     slow.fit()
-    for (name, p), q, p0 in zip(fast.vae.named_parameters(), slow.vae.parameters(), initial):
-        assert not torch.equal(p, p0), f"{name} did not train"
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), name
+    for i, (p, q, p0) in enumerate(zip(fast_params, slow.optimizer.param_groups[0]["params"], initial)):
+        assert not torch.equal(p, p0), f"parameter {i} did not train"
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), i
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

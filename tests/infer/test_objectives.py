@@ -9,7 +9,7 @@ import torch
 from linear_gaussian import LinearGaussianProblem
 from pyro.infer import RenyiELBO, Trace_ELBO
 
-from pyro_vae.infer.equations import gaussian_kl_to_standard_normal
+from pyro_vae.infer.kl import gaussian_kl_to_standard_normal
 from pyro_vae.infer.objectives import (
     OBJECTIVES,
     DifferentiableRenyiELBO,
@@ -26,7 +26,7 @@ OBJECTIVE_ARGS = {
 }
 
 
-def per_point_bound(elbo, vae, x, repeats=400):
+def per_point_bound(elbo, vae, x, repeats=100):
     """Average of ``repeats`` loss draws, as a per-point bound with its standard error."""
     with torch.no_grad():
         draws = torch.tensor([-float(elbo.differentiable_loss(vae.model, vae.guide, x)) / x.shape[0]
@@ -52,7 +52,7 @@ def test_every_bound_lies_below_exact_log_evidence(problem, name):
 
 def test_iwae_bound_increases_with_k(problem):
     vae = problem.vae("mlp")
-    bounds = [per_point_bound(make_elbo("iwae", num_particles=k), vae, problem.x, repeats=200)
+    bounds = [per_point_bound(make_elbo("iwae", num_particles=k), vae, problem.x, repeats=100)
               for k in (1, 5, 50)]
     for (low, se_low), (high, se_high) in zip(bounds, bounds[1:]):
         assert high > low + 2 * math.hypot(se_low, se_high)
@@ -63,7 +63,7 @@ def test_iwae_bound_increases_with_k(problem):
 def test_exact_posterior_guide_makes_every_bound_tight(problem, name):
     vae = problem.vae("exact")
     exact = problem.log_evidence().mean().item()
-    bound, se = per_point_bound(make_elbo(name, **OBJECTIVE_ARGS[name]), vae, problem.x, repeats=100)
+    bound, se = per_point_bound(make_elbo(name, **OBJECTIVE_ARGS[name]), vae, problem.x, repeats=30)
     if name == "meanfield":
         # pyro_vae.infer.kl registers KL(MultivariateNormal || diagonal Normal): the bound is then
         # E_q[log p(x|z)] - KL, whose one-sample estimate has variance; it is tight in expectation.
@@ -74,12 +74,23 @@ def test_exact_posterior_guide_makes_every_bound_tight(problem, name):
 
 
 def test_trace_and_meanfield_agree_in_expectation(problem):
+    """On the same draw the two losses differ by the Monte Carlo KL's error, log q(z) - log p(z) - KL,
+    which averages to zero: the same bound, the analytic KL only removes that noise."""
     vae = problem.vae("mlp")
     assert analytic_kl_sites(vae.model, vae.guide, problem.x) == {"z": True}
-    trace, se_t = per_point_bound(make_elbo("trace"), vae, problem.x, repeats=1000)
-    meanfield, se_m = per_point_bound(make_elbo("meanfield"), vae, problem.x, repeats=1000)
-    assert abs(trace - meanfield) < 3 * math.hypot(se_t, se_m)
-    assert se_m < se_t  # the analytic KL removes part of the variance
+    trace, meanfield = make_elbo("trace"), make_elbo("meanfield")
+    differences = []
+    with torch.no_grad():
+        for seed in range(100):
+            pyro.set_rng_seed(seed)
+            t = float(trace.differentiable_loss(vae.model, vae.guide, problem.x))
+            pyro.set_rng_seed(seed)
+            m = float(meanfield.differentiable_loss(vae.model, vae.guide, problem.x))
+            differences.append((t - m) / problem.x.shape[0])
+    differences = torch.tensor(differences, dtype=torch.float64)
+    se = differences.std().item() / math.sqrt(len(differences))
+    assert abs(differences.mean().item()) < 3 * se
+    assert differences.std().item() > 1e-3  # the Monte Carlo KL is noisy; the analytic one is not
 
 
 def test_meanfield_loss_is_reconstruction_minus_closed_form_kl_on_the_same_draw():
@@ -97,7 +108,7 @@ def test_meanfield_loss_is_reconstruction_minus_closed_form_kl_on_the_same_draw(
     pyro.set_rng_seed(1)
     z = vae.encoder(x).rsample()
     recon = vae.decoder(z).log_prob(x)
-    expected = -(recon - 0.3 * gaussian_kl_to_standard_normal(loc, log_var)).sum()
+    expected = -(recon - 0.3 * gaussian_kl_to_standard_normal(loc, (0.5 * log_var).exp())).sum()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
