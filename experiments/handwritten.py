@@ -1,23 +1,24 @@
-"""A plain-PyTorch VAE over the same networks as a pyro-vae ``VAE``: the speed reference.
+"""A plain-PyTorch VAE over the same networks as a pyro-vae program: the speed reference.
 
 No Pyro, no distribution objects: the estimators are written out with tensor
 ops, the way one writes a VAE by hand.  They are the *same* estimators that
 pyro-vae's objectives compute (so a speed ratio compares like with like):
 
-* ``trace``     -- single-sample reparameterized ELBO, Eq. (2) with the draw of
-  Eq. (7), and the KL as the Monte Carlo term ``log q(z|x) - log p(z)`` (what
-  ``Trace_ELBO`` does);
-* ``meanfield`` -- the SGVB estimator of Eq. (8) with the closed-form KL of Eq. (6)
-  (what ``TraceMeanField_ELBO`` does for a diagonal Gaussian guide and N(0, I) prior);
-* ``iwae``      -- the importance-weighted bound of Sec. 1.10 with K vectorized
+* ``trace``     -- single-sample reparameterized ELBO (Kingma & Welling 2014, the
+  SGVB estimator A) with the KL as the Monte Carlo term ``log q(z|x) - log p(z)``
+  (what ``Trace_ELBO`` does);
+* ``meanfield`` -- the SGVB estimator B with the closed-form Gaussian KL (what
+  ``TraceMeanField_ELBO`` does for a diagonal Gaussian guide and N(0, I) prior);
+* ``iwae``      -- the importance-weighted bound (Burda et al. 2016) with K vectorized
   particles, ``log (1/K) sum_k w_k`` (``RenyiELBO(alpha=0)``).
 
-The networks are the ``encoder.net`` (outputs ``[mu, log sigma^2]``) and
-``decoder.net`` (Bernoulli logits) of a pyro-vae VAE, or fresh modules of the
-same architecture loaded with the same weights.
+The networks are an encoder (outputs ``[mu, log sigma^2]``) and a decoder
+(Bernoulli logits): a pyro-vae VAE's ``encoder.net`` and ``decoder.net``, or
+the modules of a user's plain ``model``/``guide`` functions, copied with the
+same weights.
 
 :func:`importance_log_likelihood` is the hand-written importance-sampled
-``log p(x)`` (Burda et al. 2015) with particles in chunks, so its memory is
+``log p(x)`` (Burda et al. 2016) with particles in chunks, so its memory is
 bounded by ``chunk_size * batch_size * d`` whatever ``K``.
 """
 
@@ -69,7 +70,7 @@ def negative_elbo_sum(encoder_net: nn.Module, decoder_net: nn.Module, x: torch.T
     if objective == "trace":
         kl = 0.5 * (z.pow(2) - eps.pow(2) - log_var).sum()  # log q(z|x) - log p(z) at the draw
     else:
-        kl = 0.5 * (loc.pow(2) + log_var.exp() - log_var - 1.0).sum()  # Eq. (6)
+        kl = 0.5 * (loc.pow(2) + log_var.exp() - log_var - 1.0).sum()  # closed-form KL to N(0, I)
     return kl - reconstruction
 
 

@@ -34,14 +34,15 @@ def log_mean_exp(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def elbo_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Monte Carlo ELBO ``(1/K) sum_k log w_k``, ``log w = log p(x, z) - log q(z | x)``,
     an unbiased estimate of ``E_q[log p(x, z) - log q(z | x)]`` (Kingma & Welling 2014,
-    Eq. 3 and the SGVB estimator A, Eq. 6; docs/derivations.md, the ELBO)."""
+    Eq. 3 and the SGVB estimator A, Eq. 6; docs/derivations.md, The ELBO by Jensen's inequality)."""
     return log_weights.mean(dim)
 
 
 def canonical_elbo(reconstruction: torch.Tensor, kl: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """``E_q[log p(x | z)] - beta KL(q(z | x) || p(z))``: the ELBO in its canonical form
     (Kingma & Welling 2014, Eq. 3) and, for ``beta != 1``, the beta-VAE objective
-    (Higgins et al. 2017, Eq. 4).  Elementwise; ``beta = 1`` adds no operation."""
+    (Higgins et al. 2017, Eq. 4); docs/derivations.md, The ELBO and beta-VAE and KL warm-up.
+    Elementwise; ``beta = 1`` adds no operation."""
     return reconstruction - kl if beta == 1.0 else reconstruction - beta * kl
 
 
@@ -50,17 +51,19 @@ def sgvb_estimator(log_likelihoods: torch.Tensor, kl: torch.Tensor, beta: float 
     """The SGVB estimator B (Kingma & Welling 2014, Eq. 7), beta-weighted:
     ``(1/K) sum_k log p(x | z_k) - beta KL(q(z | x) || p(z))`` with reparameterized draws
     ``z_k = mu + sigma * eps_k`` along ``dim`` of ``log_likelihoods`` and the closed-form KL;
-    with ``K = 1`` the single-sample estimator."""
+    with ``K = 1`` the single-sample estimator (docs/derivations.md, The SGVB estimator)."""
     return canonical_elbo(elbo_bound(log_likelihoods, dim), kl, beta)
 
 
 def iwae_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Importance-weighted bound ``log (1/K) sum_k w_k`` (Burda et al. 2016, Eq. 8)."""
+    """Importance-weighted bound ``log (1/K) sum_k w_k`` (Burda et al. 2016, Eq. 8;
+    docs/derivations.md, IWAE bound)."""
     return log_mean_exp(log_weights, dim)
 
 
 def renyi_bound(log_weights: torch.Tensor, alpha: float, dim: int = 0) -> torch.Tensor:
-    """Renyi bound ``1/(1-alpha) log (1/K) sum_k w_k^(1-alpha)`` (Li & Turner 2016, Eq. 12).
+    """Renyi bound ``1/(1-alpha) log (1/K) sum_k w_k^(1-alpha)`` (Li & Turner 2016, Eq. 12;
+    docs/derivations.md, Renyi bound).
 
     ``alpha = 0`` is :func:`iwae_bound`; ``alpha = 1`` (the ELBO, as a limit) is refused.
     """
@@ -85,7 +88,7 @@ def grouped_iwae_bound(log_weights: torch.Tensor, k: int) -> torch.Tensor:
 
 def posterior_gap(log_evidence: torch.Tensor, elbo: torch.Tensor) -> torch.Tensor:
     """``log p(x) - ELBO = KL(q(z | x) || p(z | x)) >= 0``, the KL identity
-    (Kingma & Welling 2014, Eq. 1; docs/derivations.md, the KL identity): how far the
+    (Kingma & Welling 2014, Eq. 1; docs/derivations.md, The KL identity and the gap): how far the
     guide is from the true posterior, estimated with ``log p(x)`` from a large-K IWAE bound."""
     return log_evidence - elbo
 

@@ -20,7 +20,7 @@ LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 
 def reparameterize(loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Reparameterized draw ``z = mu + sigma * eps`` with ``eps ~ N(0, I)``
-    (Kingma & Welling 2014, Sec. 2.4; docs/derivations.md, reparameterization trick).
+    (Kingma & Welling 2014, Sec. 2.4; docs/derivations.md, Reparameterization trick).
 
     ``Normal.rsample``'s own expression, so the same ``eps`` gives the same ``z``.
     """

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import pyro
 import torch
 from pyro.distributions.kl import kl_divergence
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -143,10 +144,23 @@ def bound_vae(model: Callable, guide: Callable) -> VAE | None:
     return vae
 
 
-def only_latent_scales_active() -> bool:
-    """Whether every active Pyro handler is a :func:`~pyro_vae.infer.scale.latent_scale`
-    (the only one the direct computations reproduce)."""
-    return all(isinstance(frame, LatentScaleMessenger) for frame in _PYRO_STACK)
+def direct_latent_scale() -> float | None:
+    """The active latent scale (as :func:`~pyro_vae.infer.scale.current_latent_scale`), or ``None``
+    when another handler is active too: the direct computations reproduce only
+    :func:`~pyro_vae.infer.scale.latent_scale`.  One pass over the handler stack."""
+    scale = 1.0
+    for frame in _PYRO_STACK:
+        if not isinstance(frame, LatentScaleMessenger):
+            return None
+        scale *= frame.scale
+    return scale
+
+
+def fast_parts_of(vae: VAE) -> tuple[Callable, Callable, Callable] | None:
+    """The registries' (guide, prior, decoder) entries for ``vae``'s parts, or ``None``."""
+    if not has_fast_parts(vae):
+        return None
+    return FAST_GUIDES[type(vae.encoder)], FAST_PRIORS[type(vae.prior)], FAST_DECODERS[type(vae.decoder)]
 
 
 # -- which estimators --------------------------------------------------------------------------
@@ -192,13 +206,15 @@ class DirectDraw(NamedTuple):
 
 
 def direct_draw(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
-                fast_parts: bool, particle_dim: bool) -> DirectDraw | None:
-    """The parts called in the guide's then the replayed model's order; ``None`` if the guide
-    cannot ``rsample``.  ``particle_dim`` keeps a particle dim of size 1 for one particle."""
+                fast_parts: tuple[Callable, Callable, Callable] | None, particle_dim: bool) -> DirectDraw | None:
+    """The parts called in the guide's then the replayed model's order, through ``fast_parts``
+    (:func:`fast_parts_of`) or the parts' own distributions; ``None`` if the guide cannot
+    ``rsample``.  ``particle_dim`` keeps a particle dim of size 1 for one particle."""
     c = vae.condition(y)
     batch = x.shape[0]
-    if fast_parts:
-        q = FAST_GUIDES[type(vae.encoder)](vae.encoder, x, c)
+    if fast_parts is not None:
+        guide_fn, prior_fn, decoder_fn = fast_parts
+        q = guide_fn(vae.encoder, x, c)
     else:
         q = vae.encoder(x, c)
         if not q.has_rsample:
@@ -207,9 +223,9 @@ def direct_draw(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, num_particles
     z = q_particles.rsample()
     if particle_dim and num_particles == 1 and isinstance(q, DiagonalNormal):
         z = z.unsqueeze(0)  # the object-free guide draws (B, r) for one particle
-    if fast_parts:
-        p = FAST_PRIORS[type(vae.prior)](vae.prior, batch, c)
-        log_px = FAST_DECODERS[type(vae.decoder)](vae.decoder, z, c).log_prob(x)
+    if fast_parts is not None:
+        p = prior_fn(vae.prior, batch, c)
+        log_px = decoder_fn(vae.decoder, z, c).log_prob(x)
     else:
         p = vae.prior(batch, c)
         log_px = vae.decoder(z, c).log_prob(x)
@@ -253,32 +269,35 @@ class DirectLoss:
         self.kind = estimator_kind(elbo)
         self.num_particles = int(elbo.num_particles)
         self.alpha = float(getattr(elbo, "alpha", 0.0))
-        self.fast_parts = fast_parts and has_fast_parts(vae)
+        self._parts = fast_parts_of(vae) if fast_parts else None
+        self.fast_parts = self._parts is not None
 
     def __repr__(self) -> str:
         parts = "fast parts" if self.fast_parts else "distribution objects"
         return f"DirectLoss({type(self.elbo).__name__}, K={self.num_particles}, {parts})"
 
     def __call__(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
-        if (kwargs or not 1 <= len(args) <= 2 or bound_vae(model, guide) is not self.vae
-                or not only_latent_scales_active()):
+        scale = direct_latent_scale()
+        if (scale is None or kwargs or not 1 <= len(args) <= 2 or getattr(model, "__self__", None) is not self.vae
+                or bound_vae(model, guide) is None):
             return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
-        loss = self.loss(*args)
+        loss = self.loss(*args, scale=scale)
         if loss is None:  # a guide draw without rsample: only Pyro's estimator handles it
             return self.elbo.differentiable_loss(model, guide, *args)
         return loss
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The estimator's loss (sum over the batch); ``None`` if the guide cannot rsample."""
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor | None:
+        """The estimator's loss (sum over the batch) at latent scale ``scale`` (default: the
+        active one); ``None`` if the guide cannot rsample."""
+        scale = current_latent_scale() if scale is None else scale
         if self.fast_parts:
-            return self._loss(x, y)
-        with _validation_off():
-            return self._loss(x, y)
+            return self._loss(x, y, scale)
+        with pyro.validation_enabled(False):
+            return self._loss(x, y, scale)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
-        scale = current_latent_scale()
+    def _loss(self, x: torch.Tensor, y: torch.Tensor | None, scale: float) -> torch.Tensor | None:
         # One particle: no particle plate, as in Pyro; the bounds then see a particle dim of 1.
-        draw = direct_draw(self.vae, x, y, self.num_particles, self.fast_parts, particle_dim=False)
+        draw = direct_draw(self.vae, x, y, self.num_particles, self._parts, particle_dim=False)
         if draw is None:
             return None
         one = self.num_particles == 1
@@ -296,12 +315,6 @@ class DirectLoss:
         return -renyi_bound(log_w, self.alpha).sum()
 
 
-def _validation_off():
-    import pyro
-
-    return pyro.validation_enabled(False)
-
-
 # -- importance weights ----------------------------------------------------------------------
 
 def direct_log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1,
@@ -315,9 +328,10 @@ def direct_log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
     ``log w`` adds the terms in the order Pyro adds the sites (``z``, ``x``, minus
     the guide's ``z``).
     """
-    if bound_vae(vae.model, vae.guide) is None or not has_fast_parts(vae):
+    parts = fast_parts_of(vae)
+    if bound_vae(vae.model, vae.guide) is None or parts is None:
         return None
-    draw = direct_draw(vae, x, y, num_particles, fast_parts=True, particle_dim=True)
+    draw = direct_draw(vae, x, y, num_particles, parts, particle_dim=True)
     log_pz = _scaled(draw.p.log_prob(draw.z), scale)
     log_qz = _scaled(draw.q_particles.log_prob(draw.z), scale)
     return log_pz + draw.log_px - log_qz, draw.log_px, log_pz - log_qz

@@ -35,7 +35,7 @@ LOG_2PI = math.log(2 * math.pi)
 
 def gaussian_kl_to_standard_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``KL(N(mu, diag sigma^2) || N(0, I)) = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2)``
-    (Kingma & Welling 2014, Appendix B; docs/derivations.md, closed-form Gaussian KL).
+    (Kingma & Welling 2014, Appendix B; docs/derivations.md, Closed-form Gaussian KL).
 
     :func:`diagonal_gaussian_kl` with ``m = 0`` and ``s = 1`` folded in (dividing by 1
     is exact), summed over the last dimension.
@@ -47,7 +47,7 @@ def gaussian_kl_to_standard_normal(loc: torch.Tensor, scale: torch.Tensor) -> to
 def diagonal_gaussian_kl(loc_q: torch.Tensor, scale_q: torch.Tensor, loc_p: torch.Tensor,
                          scale_p: torch.Tensor) -> torch.Tensor:
     """``KL(N(mu, diag sigma^2) || N(m, diag s^2)) = 1/2 sum_j [r_j + (mu_j - m_j)^2 / s_j^2 - 1 - log r_j]``
-    with ``r = sigma^2 / s^2`` (docs/derivations.md, closed-form Gaussian KL).
+    with ``r = sigma^2 / s^2`` (docs/derivations.md, Closed-form Gaussian KL).
 
     torch's ``Normal``-``Normal`` expression, summed over the last dimension.
     """
@@ -61,7 +61,7 @@ def gaussian_kl_to_diagonal(loc_q: torch.Tensor, variance_q: torch.Tensor, entro
     """``KL(q || N(m, diag s^2)) = H(q, p) - H(q)`` for any Gaussian ``q = N(mu, Sigma)``, from its
     mean, the diagonal of its covariance and its entropy, with the cross-entropy
     ``H(q, p) = 1/2 sum_i [log(2 pi s_i^2) + (Sigma_ii + (mu_i - m_i)^2) / s_i^2]``
-    (docs/derivations.md, closed-form Gaussian KL).  Only the diagonal of ``Sigma``
+    (docs/derivations.md, Closed-form Gaussian KL).  Only the diagonal of ``Sigma``
     enters, so a full or low-rank guide against a diagonal prior costs O(r)."""
     var_p = scale_p.pow(2)
     cross_entropy = 0.5 * (LOG_2PI + var_p.log() + (variance_q + (loc_q - loc_p).pow(2)) / var_p).sum(-1)

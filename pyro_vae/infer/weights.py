@@ -5,7 +5,7 @@ With ``z_k ~ q(z | x)``, ``k = 1..K``, the log-weight of data point ``x_n`` is
     log w_nk = log p(x_n, z_nk) - log q(z_nk | x_n)
              = sum_obs log p(x_n | ...) + sum_s [log p(z_s,nk | ...) - log q(z_s,nk | ...)]
 
-(Burda et al. 2016, Eq. 8; docs/derivations.md, importance weights).  The
+(Burda et al. 2016, Eq. 8; docs/derivations.md, Importance weights).  The
 guide runs under a vectorized particle plate to the left of all the program's
 plates -- the plate Pyro's estimators add for ``vectorize_particles`` -- and
 the model is replayed on its draws; every site's log-density is then summed
@@ -34,11 +34,10 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.infer.direct import (
     bound_vae,
+    direct_latent_scale,
     direct_log_weights,
-    only_latent_scales_active,
 )
 from pyro_vae.infer.rng import preserved_rng
-from pyro_vae.infer.scale import current_latent_scale
 from pyro_vae.models.vae import LATENT_SITE
 
 #: The name Pyro's estimators give their vectorized particle plate.
@@ -228,11 +227,10 @@ def _known_nesting(model: Callable, guide: Callable) -> int | None:
 
 
 def _direct_log_weights(model, guide, args, kwargs, num_particles, data_plate) -> LogWeights | None:
-    vae = bound_vae(model, guide)
-    if (vae is None or kwargs or data_plate != DATA_PLATE or not 1 <= len(args) <= 2
-            or not only_latent_scales_active()):
+    vae, scale = bound_vae(model, guide), direct_latent_scale()
+    if vae is None or scale is None or kwargs or data_plate != DATA_PLATE or not 1 <= len(args) <= 2:
         return None
-    parts = direct_log_weights(vae, *args, num_particles=num_particles, scale=current_latent_scale())
+    parts = direct_log_weights(vae, *args, num_particles=num_particles, scale=scale)
     if parts is None:
         return None
     log_weight, recon, latent = parts
