@@ -44,6 +44,7 @@ from pyro_vae.evaluation.importance import (
     LogWeights,
     iter_point_groups,
     plan_chunks,
+    program_device,
 )
 from pyro_vae.infer.bounds import (
     elbo_bound,
@@ -223,8 +224,10 @@ def evaluate_test_set(program: Any, x: torch.Tensor, y: torch.Tensor | None = No
         "n/a (disabled)" if not options.khat else
         f"n/a (PSIS k-hat needs at least {diagnostics.MIN_KHAT_PARTICLES} particles; K={K})")
     program = as_program(program)
+    probe = batch_args(x[:2], None if y is None else y[:2])
+    device = program_device(program, *probe)
     plan = plan_chunks(program, x.shape[0], K, x.shape[-1], options.max_memory_mb, x.dtype,
-                       batch_args(x[:2], None if y is None else y[:2]))
+                       tuple(a.to(device) for a in probe), device)
     collected: dict[str, list[torch.Tensor]] = {}
     khats: list[np.ndarray] = []
     latent = diagnostics.SiteAccumulators()

@@ -17,13 +17,22 @@ from a memory budget (:func:`plan_chunks`), and the per-point results are
 reduced as they arrive: :class:`StreamingLogMeanExp` for ``log p(x)`` alone,
 or a ``(K, G)`` buffer per group of ``G`` points (:func:`iter_point_groups`)
 when all of a point's weights are needed (PSIS k-hat, bounds at several K).
+
+On a CPU the memory budget is not what sets the speed: a trace whose
+per-pixel tensors outgrow the cache runs its elementwise passes (the
+Bernoulli log-likelihood, activations, sums) from main memory, and a tensor
+over glibc's ``mmap`` threshold (at most 32 MB) is mapped, page-faulted and
+unmapped afresh on every call.  So on a CPU one trace is further capped at
+:data:`CPU_TRACE_MB` (one thread) or :data:`THREADED_CPU_TRACE_MB` (several
+threads, whose every op waits for all of them); docs/performance-evaluation.md
+has the sweeps behind the numbers.  On a GPU the budget alone sizes a trace.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +51,20 @@ GROUP_SHARE = 0.25
 # float64 copies made for PSIS k-hat and temporaries of the per-point reductions.
 GROUP_BYTES_PER_PAIR_FLOAT64 = 3
 MAX_GROUP_POINTS = 1000
+#: tqdm's ``smoothing`` of the progress bars: close to the average rate since the start.
+PROGRESS_SMOOTHING = 0.05
+#: Cap on one trace's intermediate tensors on a CPU with one torch thread (estimated as in
+#: :func:`estimate_bytes_per_pair`): about 1,000 (point, particle) pairs of a 784-400-20 MLP VAE,
+#: whose per-pixel tensors (3 MB each) stay in the cache; 5,000 pairs ran 8-40 % slower.
+CPU_TRACE_MB = 24.0
+#: The cap with several torch threads: every op of a trace is then a parallel region whose threads
+#: must all get a core, which on a busy machine can take milliseconds; about 5,000 pairs (16 MB
+#: per-pixel tensors, still within a server CPU's last-level cache and under glibc's ``mmap``
+#: threshold) ran 2-4x faster than 1,000 pairs with two threads on two shared cores.
+THREADED_CPU_TRACE_MB = 112.0
+#: Fewest pairs a CPU trace is cut to by :data:`CPU_TRACE_MB` (the memory budget may cut further):
+#: below this the per-trace Python cost (a Pyro trace of the program) is no longer negligible.
+MIN_CPU_TRACE_PAIRS = 256
 
 
 def program_device(program: Program, *args) -> torch.device:
@@ -129,23 +152,35 @@ def estimate_bytes_per_pair(program: Program, input_dim: int, dtype: torch.dtype
 
 def plan_chunks(program: Program, num_points: int, num_particles: int, input_dim: int,
                 max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, dtype: torch.dtype = torch.float32,
-                probe_args: tuple | None = None) -> ChunkPlan:
+                probe_args: tuple | None = None, device: torch.device | str | None = None) -> ChunkPlan:
     """Size traces and groups so that one trace and one group fit in ``max_memory_mb``.
 
-    Three quarters of the budget bound one trace: all ``K`` particles of a point
-    go into one trace when they fit (then several points share the trace),
-    otherwise a point's particles are split into near-equal chunks.  The last
-    quarter bounds the ``(K, G)`` arrays of a group of ``G`` points (at most
-    :data:`MAX_GROUP_POINTS`, at least one trace's points).
+    Three quarters of the budget bound one trace; on a CPU (``device``, by default
+    the program's) one trace is also capped at :data:`CPU_TRACE_MB` with one torch
+    thread, :data:`THREADED_CPU_TRACE_MB` with several (but not below
+    :data:`MIN_CPU_TRACE_PAIRS` pairs), so that it runs from the cache.  The draws a
+    seed gives depend on the plan, so on the device and on whether torch runs one
+    thread or several (not on the result's distribution).  All ``K``
+    particles of a point go into one trace when they fit (then several points
+    share the trace), otherwise a point's particles are split into near-equal
+    chunks.  The last quarter bounds the ``(K, G)`` arrays of a group of ``G``
+    points (at most :data:`MAX_GROUP_POINTS`, at least one trace's points).
     """
     if num_points < 1:
         raise ValueError(f"need at least one data point to evaluate, got {num_points}")
     _check_particles(num_particles)
     if not max_memory_mb > 0:
         raise ValueError(f"max_memory_mb must be positive, got {max_memory_mb!r}")
-    per_pair = estimate_bytes_per_pair(as_program(program), input_dim, dtype, probe_args)
+    program = as_program(program)
+    per_pair = estimate_bytes_per_pair(program, input_dim, dtype, probe_args)
     budget = max_memory_mb * 2**20
     pairs = max(1, int(budget * (1 - GROUP_SHARE) // per_pair))
+    if device is None:  # without probe arguments a module-less program's device is unknown: sized as for a CPU
+        device = program_device(program, *(probe_args or ())) \
+            if probe_args is not None or program.module is not None else "cpu"
+    if torch.device(device).type == "cpu":
+        cap_mb = CPU_TRACE_MB if torch.get_num_threads() == 1 else THREADED_CPU_TRACE_MB
+        pairs = min(pairs, max(MIN_CPU_TRACE_PAIRS, int(cap_mb * 2**20 // per_pair)))
     if pairs >= num_particles:
         particles = num_particles
         points = min(num_points, pairs // num_particles)
@@ -161,6 +196,14 @@ def plan_chunks(program: Program, num_points: int, num_particles: int, input_dim
     return ChunkPlan(num_points, num_particles, points, particles, group, per_pair, float(max_memory_mb))
 
 
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    """A bar over data points (unit ``pt``, so the rate reads points per second) whose
+    ETA uses the average rate over the whole run (``smoothing`` near 0): every point
+    costs the same, so the average is the honest predictor."""
+    return tqdm(total=total, desc=desc, unit="pt", disable=not enabled, leave=False, dynamic_ncols=True,
+                smoothing=PROGRESS_SMOOTHING, mininterval=0.5)
+
+
 def iter_point_groups(program: Program, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
                       plan: ChunkPlan | None = None, max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
                       progress: bool = False, desc: str = "importance sampling",
@@ -169,33 +212,38 @@ def iter_point_groups(program: Program, x: torch.Tensor, y: torch.Tensor | None,
 
     Runs on the program's device (each group is moved there), without gradients,
     one Pyro trace per ``plan.points_per_trace x plan.particles_per_trace``
-    block, with a progress bar over data points when ``progress`` is set.
+    block, with a progress bar over data points when ``progress`` is set; the bar
+    advances as each trace's points get all their particles, not once per group.
     """
     program = as_program(program)
     probe = batch_args(x[:2], None if y is None else y[:2])
     device = program_device(program, *probe)
     probe = tuple(a.to(device) for a in probe)
     if plan is None:
-        plan = plan_chunks(program, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype, probe)
+        plan = plan_chunks(program, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype, probe,
+                           device)
     n = x.shape[0]
-    bar = tqdm(total=n, desc=desc, unit="pt", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(n, desc, progress)
     try:
         for start in range(0, n, plan.group_points):
             points = slice(start, min(start + plan.group_points, n))
             xg = x[points].to(device)
             yg = None if y is None else y[points].to(device)
-            parts = _group_log_weights(program, xg, yg, num_particles, plan)
+            parts = _group_log_weights(program, xg, yg, num_particles, plan, bar.update)
             yield points, xg, yg, parts
-            bar.update(points.stop - points.start)
     finally:
         bar.close()
 
 
 def _group_log_weights(program: Program, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
-                       plan: ChunkPlan) -> LogWeights:
+                       plan: ChunkPlan, done: Callable[[int], object] = lambda points: None) -> LogWeights:
+    """``(K, G)`` log-weights of the group ``x``, one trace per block of the plan; ``done(n)`` is
+    called as each block of ``n`` points has all its particles."""
     g = x.shape[0]
     if g <= plan.points_per_trace and num_particles <= plan.particles_per_trace:
-        return log_weights(program, x, y, num_particles)
+        parts = log_weights(program, x, y, num_particles)
+        done(g)
+        return parts
     buffers: list[torch.Tensor] | None = None
     site_buffers: dict[str, torch.Tensor] = {}
     for p0 in range(0, g, plan.points_per_trace):
@@ -212,6 +260,7 @@ def _group_log_weights(program: Program, x: torch.Tensor, y: torch.Tensor | None
                 buffer[k0:k1, p0:p1] = value
             for name, value in part.sites.items():
                 site_buffers[name][k0:k1, p0:p1] = value
+        done(p1 - p0)
     return LogWeights(*buffers, site_buffers)
 
 
@@ -233,10 +282,9 @@ def importance_log_likelihood(program: Program, x: torch.Tensor, y: torch.Tensor
     probe = batch_args(x[:2], None if y is None else y[:2])
     device = program_device(program, *probe)
     probe = tuple(a.to(device) for a in probe)
-    plan = plan_chunks(program, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype, probe)
+    plan = plan_chunks(program, x.shape[0], num_particles, x.shape[-1], max_memory_mb, x.dtype, probe, device)
     out = torch.empty(x.shape[0], dtype=x.dtype, device=device)
-    bar = tqdm(total=x.shape[0], desc="log p(x)", unit="pt", disable=not progress, leave=False,
-               dynamic_ncols=True)
+    bar = progress_bar(x.shape[0], "log p(x)", progress)
     try:
         for p0 in range(0, x.shape[0], plan.points_per_trace):
             p1 = min(p0 + plan.points_per_trace, x.shape[0])
