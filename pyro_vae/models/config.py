@@ -16,6 +16,18 @@ from typing import Any
 
 from pyro_vae.models.networks import NETWORKS
 
+#: (prior, guide) pairs that are refused: why, and what to use instead.
+REFUSED_PAIRS: dict[tuple[str, str], str] = {
+    ("vamp", "iaf"): (
+        "--prior vamp with --guide iaf is refused: the VampPrior's density at a code z is the mean of the "
+        "guide's densities q(z | u_k) over the pseudo-inputs u_k, and an IAF's density at a code it did not "
+        "draw needs latent_dim sequential inversions of each of its autoregressive networks, for every data "
+        "point x pseudo-input x particle -- hundreds of times the step time of the diagonal guide, and the "
+        "inverse has no faster exact form; use --prior vamp --guide diagonal (or lowrank, full) for the "
+        "VampPrior, or --prior flow --guide iaf for a flexible prior with the IAF guide"
+    ),
+}
+
 #: Coldest Gumbel-Softmax temperature: colder relaxed samples underflow to exact one-hots
 #: (pyro issue #3304) and their gradients explode.
 MIN_TEMPERATURE = 0.1
@@ -98,6 +110,7 @@ class ModelConfig:
             raise ValueError(f"stochastic_layers must be 1 or 2, got {self.stochastic_layers!r}")
         if self.stochastic_layers == 2:
             self._validate_two_layers()
+        check_pair(self.prior, self.guide)
         if not (isinstance(self.sigma_x, (int, float)) and math.isfinite(self.sigma_x) and self.sigma_x > 0):
             raise ValueError(f"sigma_x must be a positive finite number, got {self.sigma_x!r}")
         if self.guide == "lowrank" and self.guide_rank > self.latent_dim:
@@ -145,3 +158,10 @@ class ModelConfig:
             if reason:
                 raise ValueError(f"--{option} {getattr(self, option)} does not work with --stochastic-layers 2: "
                                  f"{reason}; use --stochastic-layers 1, or another --{option}")
+
+
+def check_pair(prior: str, guide: str) -> None:
+    """Raise ``ValueError`` with the reason and the alternatives for a pair in :data:`REFUSED_PAIRS`."""
+    reason = REFUSED_PAIRS.get((prior, guide))
+    if reason is not None:
+        raise ValueError(reason)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from pyro_vae.models.config import ModelConfig
+from pyro_vae.models.config import ModelConfig, check_pair
 from pyro_vae.models.decoders import (
     BernoulliDecoder,
     ContinuousBernoulliDecoder,
@@ -273,6 +273,7 @@ def _lookup(registry: dict, kind: str, name: str):
 
 
 def _check_pairing(config: ModelConfig) -> None:
+    check_pair(config.prior, config.guide)
     discrete_prior, discrete_guide = config.prior == DISCRETE, config.guide == DISCRETE
     if discrete_prior != discrete_guide:
         raise ValueError(
