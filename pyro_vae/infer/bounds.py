@@ -40,9 +40,9 @@ def elbo_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 def canonical_elbo(reconstruction: torch.Tensor, kl: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """``E_q[log p(x | z)] - beta KL(q(z | x) || p(z))``: the ELBO in its canonical form
-    (Kingma & Welling 2014, Eq. 3) and, for ``beta != 1``, the beta-VAE objective
-    (Higgins et al. 2017, Eq. 4); docs/derivations.md, The ELBO and beta-VAE and KL warm-up.
-    Elementwise; ``beta = 1`` adds no operation."""
+    (Kingma & Welling 2014, Eq. 3; docs/derivations.md, The ELBO) and, for ``beta != 1``,
+    the beta-VAE objective (Higgins et al. 2017, Eq. 4; docs/derivations.md, beta-VAE and
+    KL warm-up).  Elementwise; ``beta = 1`` adds no operation."""
     return reconstruction - kl if beta == 1.0 else reconstruction - beta * kl
 
 
