@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Callable, Iterable
 
 
@@ -32,6 +33,43 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (NaN and infinities are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**32 - 1] (what torch and numpy both take)."""
+    value = _int_at_least(text, 0, "a seed (an integer >= 0)")
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, {2**32 - 1}], got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    from pyro_vae.train.config import check_device_name
+
+    try:
+        return check_device_name(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}") from None
 
 
 def part_name(kind: str, names: Iterable[str]) -> Callable[[str], str]:

@@ -1,8 +1,15 @@
-"""``pyro-vae compare RUN_DIR...``: evaluated runs side by side."""
+"""``pyro-vae compare RUN_DIR...``: evaluated runs side by side.
+
+Every run that can be shown is shown; a run without numbers (no such
+directory, not evaluated, unreadable evaluation) gets a row saying why, and a
+stale evaluation or unfinished training is marked in the ``note`` column.
+The exit status is 2 only when no run has numbers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(sub) -> None:
@@ -11,7 +18,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyro_vae.evaluation.report import compare_runs
+    from pyro_vae.evaluation.report import COMPARE_COLUMNS, compare_rows, format_table
 
-    print(compare_runs(args.run_dirs))
+    rows = compare_rows(args.run_dirs)
+    columns = COMPARE_COLUMNS if any(r["note"] for r in rows) else COMPARE_COLUMNS[:-1]
+    print(format_table(rows, columns))
+    if all(r["K"] == "-" for r in rows):
+        print("pyro-vae compare: error: none of the runs has an evaluation to compare; run `pyro-vae evaluate "
+              "RUN_DIR` first", file=sys.stderr)
+        return 2
     return 0

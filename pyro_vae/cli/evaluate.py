@@ -11,11 +11,12 @@ and ``evaluation.md`` into the run (:mod:`pyro_vae.evaluation.report`); the work
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
 def add_parser(sub) -> None:
-    from pyro_vae.cli.arguments import non_negative_int, positive_float, positive_int
+    from pyro_vae.cli.arguments import device, finite_float, non_negative_int, positive_float, positive_int, seed
     from pyro_vae.evaluation.evaluator import (
         DEFAULT_IWAE_KS,
         DEFAULT_PARTICLES,
@@ -30,12 +31,12 @@ def add_parser(sub) -> None:
                    help=f"importance samples K per test point (default {DEFAULT_PARTICLES}, as in Burda et al.)")
     p.add_argument("--max-memory", type=positive_float, default=DEFAULT_MAX_MEMORY_MB, metavar="MB",
                    help=f"memory budget of one chunk of the computation, in MB (default {DEFAULT_MAX_MEMORY_MB:g})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the importance draws (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the importance draws (default 0)")
     p.add_argument("--num-points", type=positive_int, default=None, metavar="N",
                    help="evaluate only the first N test points (quick looks)")
     p.add_argument("--iwae-k", type=positive_int, nargs="+", default=list(DEFAULT_IWAE_KS), metavar="K",
                    help=f"IWAE bounds to report, from the same draws (default {' '.join(map(str, DEFAULT_IWAE_KS))})")
-    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_RENYI_ALPHAS), metavar="ALPHA",
+    p.add_argument("--alphas", type=finite_float, nargs="+", default=list(DEFAULT_RENYI_ALPHAS), metavar="ALPHA",
                    help=f"Renyi bounds to report (default {' '.join(map(str, DEFAULT_RENYI_ALPHAS))})")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="write no pictures")
     p.add_argument("--export-posterior", type=non_negative_int, nargs="+", default=None, metavar="IDX",
@@ -43,17 +44,22 @@ def add_parser(sub) -> None:
     p.add_argument("--posterior-samples", type=positive_int, default=DEFAULT_POSTERIOR_SAMPLES,
                    help=f"draws per exported input (default {DEFAULT_POSTERIOR_SAMPLES})")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write the report and pictures into DIR (default: the run directory)")
+    p.add_argument("--allow-changed-data", action="store_true",
+                   help="evaluate on data that differs from the data the run was trained on (with a warning)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyro_vae.evaluation.run import evaluate
+    from pyro_vae.evaluation.run import evaluate, report_json
 
     report = evaluate(args.run_dir, args.particles, num_points=args.num_points, iwae_ks=args.iwae_k,
                       alphas=args.alphas, max_memory_mb=args.max_memory, seed=args.seed, plots_=args.plots,
                       export_indices=args.export_posterior, posterior_samples=args.posterior_samples,
-                      data_dir=args.data_dir, device=args.device, progress=args.progress)
+                      data_dir=args.data_dir, device=args.device, progress=args.progress,
+                      allow_changed_data=args.allow_changed_data, out_dir=args.out)
     print_summary(report)
     for path in report["report_files"]:
         print(f"wrote {path}")
@@ -61,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"picture: {path}")
     if report["posterior_export"]:
         print(f"posterior draws: {report['posterior_export']['path']}")
-    return 0
+    for path, reason in report.get("write_errors", []):
+        print(f"pyro-vae evaluate: warning: could not write {path}: {reason}", file=sys.stderr)
+    if not report["report_files"]:
+        print("pyro-vae evaluate: error: the report could not be written; here it is:", file=sys.stderr)
+        print(report_json(report))
+        return 1
+    return 1 if report.get("write_errors") else 0
 
 
 def print_summary(report: dict[str, Any]) -> None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
 
 from pyro_vae import __version__
 from pyro_vae.cli import compare, evaluate, sample, train
@@ -28,12 +32,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command.  Exit status: 0 done, 2 a bad input (one line naming it), 1 the machine
+    refused (a file that cannot be written, memory), 128+N stopped by signal N."""
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command].run(args)
-    except USER_ERRORS as e:
-        print(f"pyro-vae {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+        try:
+            return COMMANDS[args.command].run(args)
+        except USER_ERRORS as e:
+            print(f"pyro-vae {args.command}: error: {_without_trace_shapes(str(e))}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"pyro-vae {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+            return 1
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            print(f"pyro-vae {args.command}: error: out of memory ({str(e).splitlines()[0] if str(e) else 'no detail'});"
+                  " lower the sizes, particles or batch size", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("aborted", file=sys.stderr)
+            return 130
+
+
+def _without_trace_shapes(message: str) -> str:
+    """A message without the table of trace shapes Pyro appends to errors raised inside a trace."""
+    lines = message.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "Trace Shapes:":
+            return "\n".join(lines[:i]).rstrip()
+    return message
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return (isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ()))
+            or "can't allocate memory" in text or "out of memory" in text)
+
+
+def _one_line_warnings(command: str, default: Callable) -> Callable:
+    """Show pyro-vae's own warnings as ``pyro-vae COMMAND: warning: ...`` lines; others as usual."""
+    package = str(Path(__file__).resolve().parent.parent)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("pyro_vae") or str(filename).startswith(package):
+            print(f"pyro-vae {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
 
-from pyro_vae.cli.arguments import part_name, positive_int
+from pyro_vae.cli.arguments import (device, finite_float, non_negative_float, non_negative_int, part_name,
+                                    positive_float, positive_int, seed)
 from pyro_vae.data import DATASET_NAMES
 from pyro_vae.infer.objectives import OBJECTIVES
 from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS
-from pyro_vae.train.checkpoint import load_checkpoint
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
 from pyro_vae.train.config import TrainConfig, load_toml
-from pyro_vae.train.trainer import CHECKPOINT, train
+from pyro_vae.train.trainer import CHECKPOINT, Trainer
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a VAE (default: on the embedded digits data)")
-    p.add_argument("--config", help="TOML file of options; flags override it")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--config", help="TOML file of options; flags override it (with --resume: the same rules as "
+                                    "flags)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR where it stopped; only --epochs, --patience, --lr, --device, "
+                        "--checkpoint-every(-steps), --data-dir and --no-progress may change")
     _add_train_arguments(p)
 
 
@@ -45,7 +51,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=positive_int, nargs="+", default=S,
                    help=f"encoder hidden sizes; the decoder mirrors them (default {' '.join(map(str, m.hidden))})")
     g.add_argument("--activation", default=S, help=f"default {m.activation}")
-    g.add_argument("--sigma-x", type=float, default=S, help=f"Gaussian decoder scale (default {m.sigma_x})")
+    g.add_argument("--sigma-x", type=positive_float, default=S, help=f"Gaussian decoder scale (default {m.sigma_x})")
     g.add_argument("--conditional", action="store_true", default=S, help="condition on labels (cVAE)")
     g.add_argument("--mixture-components", type=positive_int, default=S,
                    help=f"components of --prior mixture (default {m.mixture_components})")
@@ -71,11 +77,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-categories", type=int, default=S,
                    help="categories per latent of --prior/--guide categorical; --latent-dim is then the "
                         f"number of categorical latents (default {m.num_categories})")
-    g.add_argument("--temperature", type=float, default=S,
+    g.add_argument("--temperature", type=finite_float, default=S,
                    help=f"initial Gumbel-Softmax temperature (default {m.temperature})")
-    g.add_argument("--temperature-min", type=float, default=S,
+    g.add_argument("--temperature-min", type=finite_float, default=S,
                    help=f"floor of the annealed temperature (default {m.temperature_min})")
-    g.add_argument("--temperature-anneal", type=float, default=S,
+    g.add_argument("--temperature-anneal", type=non_negative_float, default=S,
                    help=f"exponential temperature decay rate per epoch (default {m.temperature_anneal})")
     g.add_argument("--straight-through", action="store_true", default=S,
                    help="hard one-hot latents forward, relaxed gradients backward")
@@ -83,56 +89,93 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", default=S, choices=OBJECTIVES, help=f"default {d.objective}")
     g.add_argument("--particles", type=positive_int, default=S,
                    help="number of particles K (default 1 for trace/meanfield, 5 for renyi/iwae)")
-    g.add_argument("--alpha", type=float, default=S, help="Renyi alpha (renyi only; not 1)")
-    g.add_argument("--beta", type=float, default=S, help=f"beta-VAE weight on the KL (default {d.beta})")
-    g.add_argument("--warmup-epochs", type=float, default=S,
+    g.add_argument("--alpha", type=finite_float, default=S, help="Renyi alpha (renyi only; not 1)")
+    g.add_argument("--beta", type=non_negative_float, default=S, help=f"beta-VAE weight on the KL (default {d.beta})")
+    g.add_argument("--warmup-epochs", type=non_negative_float, default=S,
                    help="linear KL warm-up from 0 to beta over this many epochs (default 0: none)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=S, help=f"default {d.epochs}")
     g.add_argument("--batch-size", type=positive_int, default=S, help=f"default {d.batch_size}")
-    g.add_argument("--lr", type=float, default=S, help=f"Adam learning rate (default {d.lr})")
-    g.add_argument("--patience", type=int, default=S,
+    g.add_argument("--lr", type=positive_float, default=S, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--patience", type=non_negative_int, default=S,
                    help=f"early stopping patience in epochs, 0 disables (default {d.patience})")
-    g.add_argument("--seed", type=int, default=S, help=f"default {d.seed}")
-    g.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--seed", type=seed, default=S, help=f"default {d.seed}")
+    g.add_argument("--device", type=device, default=S, help="auto, cpu, cuda or cuda:N (default auto)")
     g = p.add_argument_group("output")
-    g.add_argument("--run-dir", default=S, help="where to write the run (default runs/DATA-OBJECTIVE-TIME)")
+    g.add_argument("--run-dir", default=S,
+                   help="where to write the run (default: a new runs/DATA-OBJECTIVE-TIME-XXXXXX)")
+    g.add_argument("--checkpoint-every", type=non_negative_float, default=S, metavar="SECONDS",
+                   help=f"also save a checkpoint inside an epoch every SECONDS, 0 never (default {d.checkpoint_every:g})")
+    g.add_argument("--checkpoint-every-steps", type=non_negative_int, default=S, metavar="N",
+                   help="also save a checkpoint inside an epoch every N steps, 0 never (default 0)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < TOML file (``--config``) < explicit flags; with ``--resume``, the run's saved config
-    replaces the defaults and the file."""
+    """Defaults < TOML file (``--config``) < explicit flags.  With ``--resume`` the run's saved config
+    replaces the defaults; the file and the flags then change it under the same rules (options
+    outside :data:`~pyro_vae.train.config.RESUMABLE` must keep their values, else the trainer
+    refuses them by name)."""
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     if args.resume:
-        state = load_checkpoint(Path(args.resume) / CHECKPOINT)
-        base = TrainConfig.from_dict(state["config"]).to_flat()
+        run_dir = Path(args.resume)
+        if "run_dir" in flags and Path(flags["run_dir"]).resolve() != run_dir.resolve():
+            raise ValueError(f"--run-dir {flags['run_dir']} differs from --resume {args.resume}; a resumed run "
+                             "continues in its own directory (omit --run-dir)")
+        if not (run_dir / CHECKPOINT).is_file():
+            raise CheckpointError(f"cannot resume: no {CHECKPOINT} in {run_dir}"
+                                  + ("" if run_dir.is_dir() else " (the directory does not exist)"))
+        state = load_checkpoint(run_dir / CHECKPOINT)
+        try:
+            base = TrainConfig.from_dict(state["config"]).to_flat()
+        except ValueError as e:
+            raise CheckpointError(f"{run_dir / CHECKPOINT} holds a config this pyro-vae cannot read: {e}") from None
         flags["run_dir"] = args.resume
     else:
         base = TrainConfig().to_flat()
-        if args.config:
-            base.update(load_toml(args.config))
+    if args.config:
+        base.update(load_toml(args.config))
     return TrainConfig.from_flat({**base, **flags})
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = train(config, resume=bool(args.resume))
+    trainer = Trainer(config, resume=bool(args.resume), keep_lock=True)
+    try:
+        return _train_and_report(trainer)
+    finally:
+        trainer.close()
+
+
+def _train_and_report(trainer: Trainer) -> int:
+    result = trainer.fit()
     run_dir = result.run_dir
+    if result.nothing_to_do:
+        print(f"nothing to do: {result.nothing_to_do}")
+        return 0
     if result.interrupted:
-        print(f"interrupted; continue with: pyro-vae train --resume {run_dir}")
-        return 130
+        name = signal.Signals(result.signal).name if result.signal else "interrupt"
+        epoch, batch, _ = result.position
+        where = f"epoch {epoch + 1}, batch {batch}" if batch else f"the end of epoch {epoch}"
+        print(f"{name}: stopped and saved {run_dir / CHECKPOINT} at {where}; continue with: "
+              f"pyro-vae train --resume {run_dir}")
+        return 128 + (result.signal or signal.SIGINT)
     from pyro_vae.evaluation.pictures import write_run_pictures
 
-    pictures = write_run_pictures(run_dir)
     last = result.history[-1] if result.history else None
     print(f"run directory: {run_dir}")
     if last:
         print(f"  final validation ELBO: {last['valid_elbo']:.3f} nats (epoch {last['epoch']})")
+    if result.stopped_early:
+        print(f"  stopped early: no improvement for {trainer.config.patience} epochs")
     print(f"  metrics:     {run_dir / 'metrics.jsonl'}")
     print(f"  checkpoint:  {run_dir / CHECKPOINT} (best: {run_dir / 'best.pt'})")
+    try:
+        pictures = write_run_pictures(run_dir)
+    except OSError as e:  # the run is saved; a picture that cannot be written does not undo it
+        print(f"pyro-vae train: warning: could not write the pictures into {run_dir}: {e.strerror or e}",
+              file=sys.stderr)
+        return 0
     for path in pictures:
         print(f"  picture:     {path}")
     return 0
-
-

@@ -43,14 +43,29 @@ def jsonable(value: Any) -> Any:
 
 
 def write_report(report: dict[str, Any], run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``evaluation.json`` and ``evaluation.md`` into ``run_dir``."""
+    """Write ``evaluation.json`` and ``evaluation.md`` into ``run_dir`` (each atomically)."""
+    from pyro_vae.train.rundir import write_atomic
+
     run_dir = Path(run_dir)
     report = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report}
-    json_path = run_dir / EVALUATION_JSON
-    json_path.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
-    md_path = run_dir / EVALUATION_MD
-    md_path.write_text(render_markdown(report))
+    json_path = write_atomic(run_dir / EVALUATION_JSON, json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
+    md_path = write_atomic(run_dir / EVALUATION_MD, render_markdown(report))
     return json_path, md_path
+
+
+def checkpoint_identity(path: str | Path | None, state: dict[str, Any]) -> dict[str, Any] | None:
+    """Which checkpoint an evaluation used: file name, checksum, size and modification time (to
+    tell later whether the evaluation is stale)."""
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    checksum = state.get("checksum") or {}
+    return {"file": path.name, "digest": checksum.get("digest"), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "epoch": state.get("epoch")}
 
 
 def load_evaluation(run_dir: str | Path) -> dict[str, Any]:
@@ -153,27 +168,81 @@ def render_markdown(report: dict[str, Any]) -> str:
 # -- compare ----------------------------------------------------------------------------------------
 
 COMPARE_COLUMNS = ("run", "data", "objective", "prior/guide/decoder", "K", "log p(x) ± se", "ELBO", "gap",
-                   "active", "k-hat>0.7")
+                   "active", "k-hat>0.7", "note")
 
 
 def compare_row(run_dir: str | Path) -> dict[str, str]:
-    """One row of the comparison table from a run's ``evaluation.json``."""
+    """One row of the comparison table from a run's ``evaluation.json``, with a note saying when
+    the evaluation is stale or the run's training incomplete."""
     ev = load_evaluation(run_dir)
-    res, cfg = ev["results"], ev.get("config", {})
-    psis = res.get("psis")
-    latent = res["latent"]
-    return {
-        "run": str(run_dir),
-        "data": ev["test_set"]["name"] + (f" (first {res['num_points']})" if ev["test_set"].get("subset") else ""),
-        "objective": str(cfg.get("objective")),
-        "prior/guide/decoder": f"{cfg.get('prior')}/{cfg.get('guide')}/{cfg.get('decoder')}",
-        "K": str(res["num_particles"]),
-        "log p(x) ± se": fmt_estimate(res["log_likelihood"], 2),
-        "ELBO": _mean(res["elbo"]),
-        "gap": _mean(res["gap"]),
-        "active": f"{latent['active_units']}/{latent['latent_dim']}",
-        "k-hat>0.7": f"{psis['fraction_above_0.7']:.1%}" if isinstance(psis, dict) else "n/a",
-    }
+    try:
+        res, cfg = ev["results"], ev.get("config", {})
+        psis = res.get("psis")
+        latent = res["latent"]
+        row = {
+            "run": str(run_dir),
+            "data": ev["test_set"]["name"] + (f" (first {res['num_points']})" if ev["test_set"].get("subset") else ""),
+            "objective": str(cfg.get("objective")),
+            "prior/guide/decoder": f"{cfg.get('prior')}/{cfg.get('guide')}/{cfg.get('decoder')}",
+            "K": str(res["num_particles"]),
+            "log p(x) ± se": fmt_estimate(res["log_likelihood"], 2),
+            "ELBO": _mean(res["elbo"]),
+            "gap": _mean(res["gap"]),
+            "active": f"{latent['active_units']}/{latent['latent_dim']}",
+            "k-hat>0.7": f"{psis['fraction_above_0.7']:.1%}" if isinstance(psis, dict) else "n/a",
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise EvaluationMissing(f"{Path(run_dir) / EVALUATION_JSON} lacks an expected entry ({e}); run "
+                                f"`pyro-vae evaluate {run_dir}` again") from None
+    row["note"] = "; ".join(run_notes(run_dir, ev))
+    return row
+
+
+def run_notes(run_dir: str | Path, evaluation: dict[str, Any] | None = None) -> list[str]:
+    """What a reader of a run's numbers must know: training still running or cut short, and an
+    evaluation older than the checkpoint it describes."""
+    from pyro_vae.train.rundir import run_status
+
+    notes = []
+    status = run_status(run_dir)
+    if status:
+        state, epoch, epochs = status.get("state"), status.get("epoch"), status.get("epochs")
+        at = f"epoch {epoch}/{epochs}"
+        if state == "training":
+            notes.append(f"training in progress ({at})")
+        elif state in ("killed", "interrupted"):
+            notes.append(f"incomplete: {state} at {at}")
+        elif state == "diverged":
+            notes.append(f"incomplete: diverged after {at}")
+    if evaluation is not None and is_stale(run_dir, evaluation):
+        notes.append("stale: the checkpoint changed after this evaluation")
+    return notes
+
+
+def is_stale(run_dir: str | Path, evaluation: dict[str, Any]) -> bool:
+    """True when the checkpoint an evaluation used has changed since (same size and time: unchanged;
+    otherwise its checksum decides)."""
+    ident = evaluation.get("checkpoint")
+    if not isinstance(ident, dict) or not ident.get("file"):
+        return False  # an evaluation that did not record its checkpoint cannot be judged
+    path = Path(run_dir) / ident["file"]
+    try:
+        stat = path.stat()
+    except OSError:
+        return True
+    if stat.st_size == ident.get("size") and stat.st_mtime_ns == ident.get("mtime_ns"):
+        return False
+    from pyro_vae.train.checkpoint import load_checkpoint
+
+    try:
+        digest = (load_checkpoint(path).get("checksum") or {}).get("digest")
+    except ValueError:
+        return True
+    return digest != ident.get("digest")
+
+
+def _missing_row(run_dir: str | Path, note: str) -> dict[str, str]:
+    return {**{c: "-" for c in COMPARE_COLUMNS}, "run": str(run_dir), "note": note}
 
 
 def format_table(rows: Sequence[dict[str, str]], columns: Sequence[str] = COMPARE_COLUMNS) -> str:
@@ -190,8 +259,26 @@ def format_table(rows: Sequence[dict[str, str]], columns: Sequence[str] = COMPAR
     return "\n".join([header, rule, *(line(r) for r in rows)])
 
 
-def compare_runs(run_dirs: Sequence[str | Path]) -> str:
-    """The comparison table of several evaluated runs."""
+def compare_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, str]]:
+    """A row per run: the numbers of every evaluated run, and for the others a note saying why
+    there are none (no such directory, not evaluated, unreadable evaluation)."""
     if not run_dirs:
         raise ValueError("compare needs at least one run directory")
-    return format_table([compare_row(d) for d in run_dirs])
+    rows = []
+    for run_dir in run_dirs:
+        if not Path(run_dir).is_dir():
+            rows.append(_missing_row(run_dir, "no such run directory"))
+            continue
+        try:
+            rows.append(compare_row(run_dir))
+        except EvaluationMissing as e:
+            notes = run_notes(run_dir)
+            rows.append(_missing_row(run_dir, "; ".join([*notes, f"no numbers: {e}"])))
+    return rows
+
+
+def compare_runs(run_dirs: Sequence[str | Path]) -> str:
+    """The comparison table of several runs (see :func:`compare_rows`)."""
+    rows = compare_rows(run_dirs)
+    columns = COMPARE_COLUMNS if any(r["note"] for r in rows) else COMPARE_COLUMNS[:-1]
+    return format_table(rows, columns)

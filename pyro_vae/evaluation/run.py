@@ -5,10 +5,16 @@ model/guide pair trained from Python objects), computes the test-set bounds,
 log-likelihood and diagnostics (:mod:`pyro_vae.evaluation.evaluator`), writes
 ``evaluation.json`` and ``evaluation.md`` (:mod:`pyro_vae.evaluation.report`),
 then the pictures, and optionally exports posterior draws for ArviZ.
+
+Output that cannot be written never costs the computation: the output folder
+is checked before anything is computed, the numbers are written before any
+picture, and each picture or export that fails is reported by name
+(``report["write_errors"]``) while the others are still written.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,10 +26,12 @@ from pyro_vae.evaluation import plots
 from pyro_vae.evaluation.diagnostics import export_posterior
 from pyro_vae.evaluation.evaluator import (DEFAULT_IWAE_KS, DEFAULT_PARTICLES, DEFAULT_RENYI_ALPHAS,
                                            EvaluationOptions, EvaluationResult, evaluate_test_set)
-from pyro_vae.evaluation.importance import DEFAULT_MAX_MEMORY_MB
-from pyro_vae.evaluation.pictures import write_run_pictures
-from pyro_vae.evaluation.report import package_versions, write_report
+from pyro_vae.evaluation.importance import DEFAULT_MAX_MEMORY_MB, GROUP_BYTES_PER_PAIR_FLOAT64
+from pyro_vae.evaluation.pictures import check_writable, draw_run_pictures
+from pyro_vae.evaluation.report import checkpoint_identity, jsonable, package_versions, write_report
+from pyro_vae.train.memory import check_fits
 from pyro_vae.train.program import check_program_data
+from pyro_vae.train.rundir import RunLock
 from pyro_vae.train.runs import Run, load_run
 
 DEFAULT_POSTERIOR_SAMPLES = 1000
@@ -49,16 +57,38 @@ def evaluate(run_dir: str | Path, particles: int = DEFAULT_PARTICLES, *, num_poi
              max_memory_mb: float = DEFAULT_MAX_MEMORY_MB, seed: int = 0, plots_: bool = True,
              export_indices: Sequence[int] | None = None, posterior_samples: int = DEFAULT_POSTERIOR_SAMPLES,
              data_dir: str | None = None, device: str = "auto", progress: bool = False,
-             program: Any = None) -> dict[str, Any]:
+             program: Any = None, allow_changed_data: bool = False,
+             out_dir: str | Path | None = None) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` on its test set and write its report; return the report.
 
     ``particles`` is ``K``, the importance samples per test point (5000 as in
     Burda et al. 2016); ``num_points`` evaluates only the first test points
-    (quick looks, not comparable with full-test-set numbers).
+    (quick looks, not comparable with full-test-set numbers).  The report and
+    pictures go to ``out_dir`` (default: the run directory, locked meanwhile).
+    Data that differs from the data the run was trained on is refused unless
+    ``allow_changed_data`` (then a warning).  Files that could not be written
+    are listed in ``report["write_errors"]`` as ``(path, reason)``.
     """
     t_start = time.perf_counter()
     run = load_run(run_dir, device, program=program)
-    data = run.load_data(data_dir)
+    out = Path(out_dir) if out_dir else run.run_dir
+    lock = RunLock(run.run_dir, "evaluating") if out.resolve() == run.run_dir.resolve() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        check_writable(out, "--out")
+        return _evaluate(run, out, t_start, particles, num_points, iwae_ks, alphas, max_memory_mb, seed, plots_,
+                         export_indices, posterior_samples, data_dir, allow_changed_data, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate(run: Run, out: Path, t_start: float, particles: int, num_points: int | None,
+              iwae_ks: Sequence[int], alphas: Sequence[float], max_memory_mb: float, seed: int, plots_: bool,
+              export_indices: Sequence[int] | None, posterior_samples: int, data_dir: str | None,
+              allow_changed_data: bool, progress: bool) -> dict[str, Any]:
+    data = run.load_data(data_dir, allow_changed_data)
     dev = run.device
     n_total = data.test.shape[0]
     n = min(num_points or n_total, n_total)
@@ -70,6 +100,16 @@ def evaluate(run_dir: str | Path, particles: int = DEFAULT_PARTICLES, *, num_poi
         bad = [i for i in export_indices if not 0 <= i < n]
         if bad:
             raise ValueError(f"--export-posterior indices {bad} are out of range: evaluating {n} test points")
+        check_fits(4.0 * posterior_samples * len(export_indices) * (3 * data.num_features + 64),
+                   f"exporting {posterior_samples} posterior draws for {len(export_indices)} test point(s)",
+                   "lower --posterior-samples or export fewer points", dev)
+    per_pair = 3 * 4 + 8 * GROUP_BYTES_PER_PAIR_FLOAT64  # the (K, points) arrays of a group, per pair
+    check_fits(float(per_pair) * particles, f"--particles {particles} (the importance weights of one test point)",
+               "lower --particles", dev)
+    bad_ks = [k for k in iwae_ks if k > particles]
+    if bad_ks and tuple(iwae_ks) != tuple(DEFAULT_IWAE_KS):  # the defaults adapt to K: those above it are left out
+        raise ValueError(f"--iwae-k {' '.join(map(str, bad_ks))} exceed(s) --particles {particles}: an IWAE-k bound "
+                         f"is averaged over groups of k of the K draws; choose k <= {particles}")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     pyro.set_rng_seed(seed)
@@ -77,14 +117,13 @@ def evaluate(run_dir: str | Path, particles: int = DEFAULT_PARTICLES, *, num_poi
                                 max_memory_mb=max_memory_mb, progress=progress)
     evaluation = evaluate_test_set(run.program, x, y, options)
     flat = run.config.to_flat()
-    if program is not None or flat["program"]:  # a user's program: the built-in model options do not apply
-        flat = {**flat, "program": flat["program"] or run.program.name}
     report: dict[str, Any] = {
         "run_dir": str(run.run_dir),
         "test_set": {"name": data.name, "split": "test", "num_points": n, "subset": n < n_total},
         "config": {k: flat[k] for k in ("data", "objective", "particles", "alpha", "program", "prior", "guide",
                                         "decoder", "latent_dim", "hidden", "beta", "epochs")},
         "checkpoint_epoch": run.state.get("epoch"),  # epochs behind the evaluated (best) checkpoint
+        "checkpoint": checkpoint_identity(run.checkpoint_path, run.state),
         "seed": seed,
         "num_particles": particles,
         "device": str(dev),
@@ -95,40 +134,80 @@ def evaluate(run_dir: str | Path, particles: int = DEFAULT_PARTICLES, *, num_poi
         "posterior_export": None,
         "versions": package_versions(),
     }
+    errors: list[tuple[str, str]] = []
     # The numbers are written first: a picture that cannot be drawn never costs the computation.
     report["seconds"] = time.perf_counter() - t_start
-    write_report(report, run.run_dir)
+    report["report_files"] = _write_report(report, out, errors)
+    if not report["report_files"]:
+        report["write_errors"] = errors
+        return report  # nothing more can be written there; the caller shows the numbers
     if plots_:
-        report["pictures"] = {k: str(v) for k, v in write_pictures(run, data, evaluation, x, labels, data_dir,
-                                                                   device, seed, program).items()}
+        report["pictures"] = {k: str(v) for k, v in write_pictures(run, data, evaluation, x, labels, seed, out,
+                                                                   errors).items()}
     if export_indices:
-        path = export_posterior(run.program, x, y, list(export_indices), run.run_dir / "posterior.nc",
-                                num_samples=posterior_samples)
-        report["posterior_export"] = {"path": str(path), "indices": list(export_indices), "draws": posterior_samples}
+        try:
+            path = export_posterior(run.program, x, y, list(export_indices), out / "posterior.nc",
+                                    num_samples=posterior_samples)
+            report["posterior_export"] = {"path": str(path), "indices": list(export_indices),
+                                          "draws": posterior_samples}
+        except OSError as e:
+            errors.append((str(out / "posterior.nc"), e.strerror or str(e)))
     report["seconds"] = time.perf_counter() - t_start
-    report["report_files"] = [str(p) for p in write_report(report, run.run_dir)]
+    report["write_errors"] = errors
+    report["report_files"] = _write_report(report, out, errors) or report["report_files"]
     return report
 
 
+def _write_report(report: dict[str, Any], out: Path, errors: list[tuple[str, str]]) -> list[str]:
+    try:
+        return [str(p) for p in write_report({k: v for k, v in report.items() if k != "report_files"}, out)]
+    except OSError as e:
+        errors.append((str(e.filename or out), e.strerror or str(e)))
+        return []
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """The report as strict JSON text (for showing it when it could not be written)."""
+    return json.dumps(jsonable(report), indent=2, allow_nan=False)
+
+
 def write_pictures(run: Run, data, evaluation: EvaluationResult, x: torch.Tensor, labels: torch.Tensor | None,
-                   data_dir: str | None, device: str, seed: int, program: Any = None) -> dict[str, Path]:
-    """All evaluation pictures into the run directory (see :mod:`pyro_vae.evaluation.plots`)."""
-    out = run.run_dir
-    written = write_run_pictures(run.run_dir, data_dir=data_dir, device=device, seed=seed, program=program)
-    pictures = {p.stem: p for p in written}
-    pictures["latent_map"] = plots.plot_latent_map(evaluation.guide_means, labels, out / plots.LATENT_MAP)
+                   seed: int, out: Path | None = None, errors: list[tuple[str, str]] | None = None
+                   ) -> dict[str, Path]:
+    """All evaluation pictures into ``out`` (default: the run directory; see
+    :mod:`pyro_vae.evaluation.plots`).  A picture that fails is recorded in ``errors`` as
+    ``(file, reason)`` and the others are still drawn."""
+    out = out or run.run_dir
+    errors = [] if errors is None else errors
+    pictures: dict[str, Path] = {}
+
+    def attempt(name: str, file: str, draw) -> None:
+        try:
+            result = draw()
+        except Exception as e:  # one picture never costs the others (or the numbers, already written)
+            errors.append((str(out / file), getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"))
+            return
+        if isinstance(result, dict):
+            pictures.update(result)
+        elif result is not None:
+            pictures[name] = result
+
+    attempt("samples", "samples.png / reconstructions.png",
+            lambda: {p.stem: p for p in draw_run_pictures(run, data, out, seed=seed)})
+    attempt("latent_map", plots.LATENT_MAP,
+            lambda: plots.plot_latent_map(evaluation.guide_means, labels, out / plots.LATENT_MAP))
     latent = evaluation.latent
     if len(latent.event_shape) == 1:  # not for (n, k) one-hot codes of categorical latents
         ranked = latent.ranked_dimensions()[:TRAVERSAL_DIMS]
         score = latent.kl_per_dim or latent.activity
         y0 = labels[0] if run.config.model.conditional else None
         mean0 = evaluation.guide_means[0].to(device=x.device, dtype=x.dtype)
-        pictures["latent_traversals"] = plots.plot_latent_traversals(
+        attempt("latent_traversals", plots.TRAVERSALS, lambda: plots.plot_latent_traversals(
             run.program, mean0, ranked, out / plots.TRAVERSALS, run.image_shape or data.image_shape, y=y0,
-            scores=[score[j] for j in ranked], site=latent.site, input_dim=data.num_features)
-    curves = plots.plot_training_curves(out / "metrics.jsonl", out / plots.CURVES)
-    if curves is not None:
-        pictures["training_curves"] = curves
+            scores=[score[j] for j in ranked], site=latent.site, input_dim=data.num_features))
+    attempt("training_curves", plots.CURVES,
+            lambda: plots.plot_training_curves(run.run_dir / "metrics.jsonl", out / plots.CURVES))
     if evaluation.khat is not None:
-        pictures["khat_histogram"] = plots.plot_khat_histogram(evaluation.khat, out / plots.KHAT_HISTOGRAM)
+        attempt("khat_histogram", plots.KHAT_HISTOGRAM,
+                lambda: plots.plot_khat_histogram(evaluation.khat, out / plots.KHAT_HISTOGRAM))
     return pictures

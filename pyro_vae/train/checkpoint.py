@@ -1,10 +1,13 @@
-"""Atomic, safe checkpoints.
+"""Atomic, verified checkpoints.
 
 A checkpoint is a plain dict of tensors and primitive values, written to a
 temporary file in the same folder, flushed to disk and renamed over the old
-one, so an interruption never leaves a half-written file.  Loading uses
-``torch.load(weights_only=True)``, which refuses arbitrary pickled code, and
-checks a format marker so a foreign file gets a clear error.
+one, so an interruption never leaves a half-written file (a temporary file
+left by a killed process is removed when the run next starts).  It carries a
+checksum of its contents (:func:`~pyro_vae.train.integrity.state_digest`),
+verified on load, so a corrupted file is refused by name instead of loaded.
+Loading uses ``torch.load(weights_only=True)``, which refuses arbitrary
+pickled code, and checks a format marker so a foreign file gets a clear error.
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ from typing import Any
 
 import torch
 
+from pyro_vae.train.integrity import ALGORITHM, state_digest
+
 FORMAT = "pyro-vae-checkpoint"
-VERSION = 2
+VERSION = 3
+#: Versions this code reads; version 2 has no checksum and is read without one.
+READABLE_VERSIONS = (2, 3)
+#: Keys of the envelope, not of the state the checksum covers.
+ENVELOPE = ("format", "version", "checksum")
 
 
 class CheckpointError(ValueError):
@@ -25,13 +34,15 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
+    """Write ``state`` with its checksum to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in state.items() if k not in ENVELOPE}
+    checksum = {"algorithm": ALGORITHM, "digest": state_digest(state)}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            torch.save({"format": FORMAT, "version": VERSION, "checksum": checksum, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,7 +52,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and sanity-check a checkpoint written by :func:`save_checkpoint`."""
+    """Load a checkpoint written by :func:`save_checkpoint`, verifying its format and checksum."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -54,11 +65,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pyro-vae checkpoint (missing format marker {FORMAT!r})")
-    if state.get("version") != VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has checkpoint version {state.get('version')!r}; this pyro-vae reads version {VERSION}"
+            f"{path} has checkpoint version {state.get('version')!r}; this pyro-vae reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if state["version"] >= 3:
+        verify_checksum(state, path)
     for key in ("program", "config", "input_dim"):
         if key not in state:
             raise CheckpointError(f"{path} lacks the {key!r} entry; it is incomplete")
     return state
+
+
+def verify_checksum(state: dict[str, Any], path: str | Path) -> None:
+    """Recompute the checksum of a loaded checkpoint; a mismatch is a :class:`CheckpointError`."""
+    checksum = state.get("checksum")
+    if not isinstance(checksum, dict) or checksum.get("algorithm") != ALGORITHM or "digest" not in checksum:
+        raise CheckpointError(f"{path} has no valid checksum entry (expected {ALGORITHM}); it is corrupt or "
+                              "was not written by pyro-vae")
+    digest = state_digest({k: v for k, v in state.items() if k not in ENVELOPE})
+    if digest != checksum["digest"]:
+        raise CheckpointError(
+            f"{path} is corrupt: the {ALGORITHM} checksum of its contents is {digest[:16]}..., but the file "
+            f"records {str(checksum['digest'])[:16]}...; it was changed after it was written (disk or copy "
+            "error?). Restore it from a copy, or use the run's other checkpoint (best.pt / checkpoint.pt)"
+        )

@@ -18,6 +18,7 @@ import torch
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
 from pyro_vae.train.config import TrainConfig
+from pyro_vae.train.integrity import check_data_fingerprint
 from pyro_vae.train.program import (Program, ProgramError, as_program, build_program, program_parameters,
                                     restore_program_state)
 from pyro_vae.train.trainer import BEST, CHECKPOINT, batch_args, resolve_device
@@ -32,6 +33,7 @@ class Run:
     program: Program
     state: dict[str, Any]
     device: torch.device
+    checkpoint_path: Path | None = None  # the checkpoint file the program was restored from
 
     @property
     def image_shape(self) -> tuple[int, ...] | None:
@@ -42,10 +44,15 @@ class Run:
         """The ``nn.Module`` owning the program (the built-in models), else ``None``."""
         return self.program.module
 
-    def load_data(self, data_dir: str | None = None) -> Dataset:
-        """The run's data set, checked against the checkpoint's feature size."""
+    def load_data(self, data_dir: str | None = None, allow_changed_data: bool = False) -> Dataset:
+        """The run's data set, checked against the checkpoint's feature size and the fingerprint of
+        the data the run was trained on: changed data is a
+        :class:`~pyro_vae.train.integrity.DataChangedError`, or with ``allow_changed_data`` a
+        :class:`~pyro_vae.train.integrity.DataChangedWarning`."""
         dataset = load_dataset(self.config.data, data_dir or self.config.data_dir)
         check_features(self.state, dataset.num_features, dataset.name)
+        check_data_fingerprint(self.state.get("data_fingerprint"), dataset, f"the run in {self.run_dir}",
+                               allow_changed=allow_changed_data)
         return dataset
 
     def args(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -67,15 +74,23 @@ def load_run(run_dir: str | Path, device: str = "auto", which: str = "best", pro
     that was handed to the trainer as Python objects.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a run directory (it is a file)")
     if not run_dir.is_dir():
         raise CheckpointError(f"run directory {run_dir} does not exist")
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     names = [BEST, CHECKPOINT] if which == "best" else [CHECKPOINT]
-    path = next((run_dir / n for n in names if (run_dir / n).is_file()), run_dir / names[-1])
+    path = next((run_dir / n for n in names if (run_dir / n).is_file()), None)
+    if path is None:
+        raise CheckpointError(f"{run_dir} holds no checkpoint ({' or '.join(names)}); is it a pyro-vae run "
+                              "directory, and has its training saved a first checkpoint?")
     dev = resolve_device(device)
     state = load_checkpoint(path, map_location=dev)
-    config = TrainConfig.from_dict(state["config"])
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{path} holds a config this pyro-vae cannot read: {e}") from None
     if program is not None:
         prog = as_program(program)
     elif not state.get("built_in", True):
@@ -93,4 +108,4 @@ def load_run(run_dir: str | Path, device: str = "auto", which: str = "best", pro
     except ProgramError as e:
         raise CheckpointError(f"{path} does not match the program its config describes: {e}") from None
     prog.train(False)
-    return Run(run_dir, config, prog, state, dev)
+    return Run(run_dir, config, prog, state, dev, path)

@@ -14,7 +14,17 @@ named by import path in the config, or a model/guide pair handed to
 :class:`Trainer` directly (:mod:`pyro_vae.train.program`).  Everything a run
 needs to continue bit-for-bit is in ``checkpoint.pt``: parameters by name,
 optimizer, the global and data RNG states, the position inside the epoch and
-the early-stopping state.  Ctrl-C stops after the current step and saves.
+the early-stopping state.
+
+Robustness of a run directory (:mod:`pyro_vae.train.rundir`): a default run
+directory gets a unique name; the directory is locked while a trainer writes
+it; Ctrl-C, SIGTERM, SIGHUP, SIGUSR1/2 and SIGXCPU stop after the current step and save;
+checkpoints are also written inside an epoch every ``checkpoint_every``
+seconds or ``checkpoint_every_steps`` steps, so a kill loses at most that
+much; resuming truncates ``metrics.jsonl`` to the checkpoint and removes the
+temporary files a killed save left.  A resumed run may change only
+:data:`~pyro_vae.train.config.RESUMABLE` options, and its data must be the data
+it was trained on (:func:`~pyro_vae.train.integrity.data_fingerprint`).
 """
 
 from __future__ import annotations
@@ -32,13 +42,17 @@ from tqdm.auto import tqdm
 
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.infer.fast import make_loss_fn, make_optimizer
-from pyro_vae.infer.objectives import analytic_kl_sites, make_elbo, warn_about_monte_carlo_kl
+from pyro_vae.infer.objectives import (DEFAULT_PARTICLES, analytic_kl_sites, make_elbo,
+                                       warn_about_monte_carlo_kl)
 from pyro_vae.infer.scale import latent_scale
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pyro_vae.models.config import ModelConfig
-from pyro_vae.train.config import TrainConfig
+from pyro_vae.train.config import RESUMABLE, TrainConfig, check_device_name
+from pyro_vae.train.integrity import check_data_fingerprint, data_fingerprint
+from pyro_vae.train.memory import check_fits, check_num_classes
 from pyro_vae.train.program import (Program, as_program, build_program, check_program_data, program_parameters,
                                     program_state, restore_program_state)
+from pyro_vae.train.rundir import (RunDirError, RunLock, check_run_dir_usable, create_unique_run_dir, remove_stale_temporaries,
+                                   write_atomic, write_status)
 from pyro_vae.train.schedules import kl_scale_at
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,26 +60,46 @@ BEST = "best.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 LOG_EVERY = 10  # steps between progress-bar updates and divergence checks
+#: Signals that stop training after the current step, with a checkpoint (SIGKILL cannot be caught).
+#: SIGUSR1/SIGUSR2 and SIGXCPU are what batch schedulers send ahead of a time or CPU limit.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGXCPU")
+                     if hasattr(signal, name))
+#: Data magnitudes beyond this are named as the likely cause when a model cannot score the data.
+DATA_PEAK = 1e4
+#: Validation never scores more than this many (point, particle) pairs at once.
+VALID_PAIRS = 1000
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last good checkpoint (if any) is kept."""
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; an explicit ``cuda`` without one is an error."""
+    """``auto`` picks CUDA when available; an explicit device that is not there is an error."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but there are only {torch.cuda.device_count()} CUDA "
+                             f"device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r} requested but MPS is not available; use --device cpu")
     return device
 
 
-def default_run_dir(config: TrainConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+def run_stem(config: TrainConfig) -> str:
+    """``DATA-OBJECTIVE``: the start of a default run directory's name."""
     data = Path(config.data).stem if config.data.endswith((".npy", ".npz")) else config.data
-    return Path("runs") / f"{data}-{config.objective}-{stamp}"
+    return f"{data}-{config.objective}"
+
+
+def default_run_dir(config: TrainConfig, parent: str | Path = "runs") -> Path:
+    """Create a new, uniquely named run directory ``runs/DATA-OBJECTIVE-TIME-XXXXXX``."""
+    return create_unique_run_dir(parent, run_stem(config))
 
 
 @dataclass
@@ -76,6 +110,9 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     stopped_early: bool = False
+    signal: int | None = None  # the signal that interrupted training
+    position: tuple[int, int, int] | None = None  # (epoch, batch, step) of the last checkpoint written
+    nothing_to_do: str | None = None  # why a resumed run had nothing left to train
 
     @property
     def module(self):
@@ -98,28 +135,33 @@ def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+    """The first stop signal (:data:`STOP_SIGNALS`: Ctrl-C, SIGTERM, ...) asks the loop to stop after
+    the current step and save; a second one aborts."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not in the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except (ValueError, OSError):  # not in the main thread: signals behave as usual
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        self.requested, self.signum = True, signum
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                   "(send it again to abort without saving)")
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
 
 def batch_args(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -150,27 +192,112 @@ def _make_loss_fn(elbo, program, args):  # TEMPORARY until infer.fast takes (elb
     return make_loss_fn(elbo, program.model, program.guide, args)
 
 
+def _model_parts(config: TrainConfig, input_dim: int, num_classes: int) -> dict[str, int]:
+    """A lower bound of the built-in model's parameter count, by part (the weights of its main layers)."""
+    m = config.model
+    c = num_classes if m.conditional else 0
+    hidden = [] if getattr(m, "network", "mlp") == "conv" else list(m.hidden)
+
+    def chain(*widths: int) -> int:
+        return sum(a * b for a, b in zip(widths, widths[1:]))
+
+    parts = {f"encoder ({input_dim} features -> hidden {hidden} -> latent_dim {m.latent_dim})":
+             chain(input_dim + c, *hidden, 2 * m.latent_dim),
+             f"decoder (latent_dim {m.latent_dim} -> hidden {hidden[::-1]} -> {input_dim} features)":
+             chain(m.latent_dim + c, *reversed(hidden), input_dim)}
+    if m.prior == "vamp":
+        parts[f"pseudo_inputs {m.pseudo_inputs} x {input_dim} features"] = m.pseudo_inputs * input_dim
+    if m.prior == "mixture":
+        dim = getattr(m, "prior_latent_dim", m.latent_dim)
+        parts[f"mixture_components {m.mixture_components} x latent_dim {dim}"] = 2 * m.mixture_components * dim
+    if m.prior == "flow" or m.guide == "iaf":
+        parts[f"flow_steps {m.flow_steps} x flow_hidden {m.flow_hidden} x latent_dim {m.latent_dim}"] = \
+            m.flow_steps * 3 * m.flow_hidden * m.latent_dim
+    if m.guide == "full":
+        parts[f"full covariance of latent_dim {m.latent_dim}"] = (hidden[-1] if hidden else 1) * m.latent_dim ** 2
+    if getattr(m, "stochastic_layers", 1) == 2:
+        parts[f"top layers (hidden {m.top_hidden}, top_latent_dim {m.top_latent_dim})"] = \
+            2 * chain(m.latent_dim, *m.top_hidden, 2 * m.top_latent_dim)
+    return parts
+
+
 class Trainer:
     """Train a program on ``config.data`` into ``config.run_dir``; ``resume=True`` continues there.
 
     ``program`` is anything :func:`~pyro_vae.train.program.as_program` accepts (a
     ``(model, guide)`` pair, an object with ``model``/``guide``); without it the
     program is built from ``config`` (``config.program`` or ``config.model``).
+    The run directory is locked from construction until :meth:`fit` returns (or
+    until :meth:`close`, with ``keep_lock=True``).
     """
 
     def __init__(self, config: TrainConfig, program: Any = None, dataset: Dataset | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, keep_lock: bool = False) -> None:
         config.validate()
         self.config = config
         self.resume = resume
-        self.run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
-        if resume and not (self.run_dir / CHECKPOINT).is_file():
-            raise CheckpointError(f"cannot resume: no {CHECKPOINT} in {self.run_dir}")
-        if not resume and (self.run_dir / CHECKPOINT).exists():
+        self.keep_lock = keep_lock
+        self.lock: RunLock | None = None
+        self.device = resolve_device(config.device)
+        created = False
+        if config.run_dir:
+            self.run_dir = Path(config.run_dir)
+            if resume and not self.run_dir.is_dir():
+                raise CheckpointError(f"cannot resume: run directory {self.run_dir} does not exist")
+            if not resume:
+                check_run_dir_usable(self.run_dir)
+            created = not self.run_dir.exists()
+        elif resume:
+            raise CheckpointError("cannot resume without a run directory: set run_dir to the run to continue")
+        else:
+            try:
+                self.run_dir, created = default_run_dir(config), True
+            except OSError as e:
+                raise RunDirError(f"cannot create a run directory under runs/: {e.strerror or e}; choose one with "
+                                  "--run-dir") from None
+        try:
+            self.lock = RunLock(self.run_dir).acquire()
+        except OSError as e:
+            raise RunDirError(f"cannot create or lock run directory {self.run_dir}: {e.strerror or e}; choose "
+                              "another --run-dir") from None
+        try:
+            self._setup(program, dataset)
+        except BaseException:
+            self.close()
+            if created:  # leave no empty directory behind a run that never started
+                for leftover in (self.run_dir / ".lock",):
+                    leftover.unlink(missing_ok=True)
+                try:
+                    self.run_dir.rmdir()
+                except OSError:
+                    pass
+            raise
+
+    def _setup(self, program: Any, dataset: Dataset | None) -> None:
+        config = self.config
+        self.state: dict[str, Any] | None = None
+        if self.resume:
+            if not (self.run_dir / CHECKPOINT).is_file():
+                raise CheckpointError(f"cannot resume: no {CHECKPOINT} in {self.run_dir}")
+            self.state = load_checkpoint(self.run_dir / CHECKPOINT, map_location="cpu")
+            self._check_resumable(self.state, program)
+        elif (self.run_dir / CHECKPOINT).exists():
             raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it "
                              "or choose another --run-dir")
-        self.device = resolve_device(config.device)
         self.dataset = dataset if dataset is not None else load_dataset(config.data, config.data_dir)
+        self.data_fingerprint = data_fingerprint(self.dataset)
+        if self.state is not None:
+            if self.state["input_dim"] != self.dataset.num_features:
+                raise CheckpointError(f"checkpoint expects {self.state['input_dim']} features but "
+                                      f"{self.dataset.name} has {self.dataset.num_features}")
+            check_data_fingerprint(self.state.get("data_fingerprint"), self.dataset, f"the run in {self.run_dir}",
+                                   flag="")
+        labels = config.model.conditional
+        if labels and self.dataset.train_labels is None:
+            raise ValueError(f"--conditional needs a labelled data set; {self.dataset.name!r} has no labels")
+        if labels:
+            check_num_classes(self.dataset.num_classes, f"data set {self.dataset.name!r}")
+        self._check_memory(program is None)
         torch.manual_seed(config.seed)
         self.built_in = program is None  # else: a pair given as Python objects, passed again to reopen the run
         self.program = (build_program(config, self.dataset.num_features, self.dataset.num_classes,
@@ -180,18 +307,19 @@ class Trainer:
         self.x_valid = self.dataset.valid.to(self.device)
         for what, x in (("training data", self.x_train), ("validation data", self.x_valid)):
             check_program_data(self.program, x, f"{self.dataset.name} {what}")
-        labels = config.model.conditional
-        if labels and self.dataset.train_labels is None:
-            raise ValueError(f"--conditional needs a labelled data set; {self.dataset.name!r} has no labels")
         self.y_train = self.dataset.train_labels.to(self.device) if labels else None
         self.y_valid = self.dataset.valid_labels.to(self.device) if labels else None
         probe = batch_args(self.x_train[:2], None if self.y_train is None else self.y_train[:2])
-        self.params = program_parameters(self.program, *probe)
         self.elbo = make_elbo(config.objective, config.particles, config.alpha)
         self.valid_elbo = make_elbo("trace")
         self.steps_per_epoch = math.ceil(self.x_train.shape[0] / config.batch_size)
-        # The seam where a faster, equivalent estimator plugs in (see docs/performance.md).
-        self.loss_fn = _make_loss_fn(self.elbo, self.program, batch_args(self.x_train, self.y_train))
+        try:
+            self.params = program_parameters(self.program, *probe)
+            # The seam where a faster, equivalent estimator plugs in (see docs/performance.md).
+            self.loss_fn = _make_loss_fn(self.elbo, self.program, batch_args(self.x_train, self.y_train))
+        except (ValueError, RuntimeError) as e:
+            self._explain_first_run(e)
+            raise
         self.optimizer = make_optimizer(list(self.params.values()), lr=config.lr)
         self.data_gen = torch.Generator(device=self.device)
         self.data_gen.manual_seed(config.seed)
@@ -199,10 +327,55 @@ class Trainer:
         if config.objective == "meanfield":
             self.analytic_kl = analytic_kl_sites(self.program.model, self.program.guide, *probe)
             warn_about_monte_carlo_kl(self.analytic_kl)
+        self._saved: tuple[int, int] | None = None  # (epoch, batch) of the newest checkpoint on disk
+        if self.state is not None:
+            self._saved = (self.state["epoch"], self.state["batch"])
+
+    def _explain_first_run(self, error: BaseException) -> None:
+        """When the program cannot even run on the data and the data explain why, say so."""
+        peak = float(self.x_train.abs().max())
+        if peak > DATA_PEAK:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"the model cannot be run on {self.dataset.name}: its training data reach |x| = "
+                             f"{peak:g}, and values this large overflow float32 inside the networks ({first}); "
+                             "standardize or rescale the data") from None
+
+    @property
+    def particles(self) -> int:
+        return DEFAULT_PARTICLES[self.config.objective] if self.config.particles is None else self.config.particles
+
+    def _check_memory(self, built_in: bool) -> None:
+        """Refuse a model or a step that cannot fit, before allocating it."""
+        cfg, d = self.config, self.dataset.num_features
+        k, b = self.particles, min(cfg.batch_size, self.dataset.train.shape[0])
+        m = cfg.model
+        if built_in:
+            classes = (self.dataset.num_classes or 0) if m.conditional else 0
+            parts = _model_parts(cfg, d, classes)
+            largest = max(parts, key=parts.get)
+            # weights, gradients and Adam's two moments: 4 float32 copies
+            check_fits(16.0 * sum(parts.values()), f"the model, mostly its {largest},",
+                       "choose smaller sizes", self.device)
+            per_pair = 3 * d + (0 if getattr(m, "network", "mlp") == "conv" else 2 * sum(m.hidden)) + 4 * m.latent_dim
+        else:
+            per_pair = 3 * d
+        check_fits(4.0 * k * b * per_pair,
+                   f"one training step of particles {k} x batch_size {b} x {d} features",
+                   "lower --particles or --batch-size", self.device)
+
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __del__(self) -> None:
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
 
     # -- state ---------------------------------------------------------------------------
     def _state(self, epoch: int, batch: int, step: int, epoch_start_rng, best: float,
-               bad_epochs: int, epoch_loss: float) -> dict[str, Any]:
+               bad_epochs: int, epoch_loss: float, stopped_early: bool = False) -> dict[str, Any]:
         return {
             "program": program_state(self.program, self.params),
             "source": self.program.source,
@@ -213,12 +386,21 @@ class Trainer:
             "num_classes": self.dataset.num_classes or 0,
             "image_shape": list(self.dataset.image_shape or []),
             "dataset": self.dataset.name,
+            "data_fingerprint": self.data_fingerprint,
+            "device": self.device.type,
             "epoch": epoch, "batch": batch, "step": step,
             "epoch_start_data_rng": epoch_start_rng,
             "rng": _rng_state(self.data_gen),
             "best": best, "bad_epochs": bad_epochs, "epoch_loss": epoch_loss,
+            "stopped_early": stopped_early,
             "analytic_kl": self.analytic_kl,
         }
+
+    def _save(self, path: Path, *args: Any, **kwargs: Any) -> None:
+        state = self._state(*args, **kwargs)
+        save_checkpoint(state, path)
+        if path.name == CHECKPOINT:
+            self._saved = (state["epoch"], state["batch"])
 
     def _epoch_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This epoch's permutation and (dynamically binarized) inputs, drawn from the data RNG."""
@@ -233,27 +415,71 @@ class Trainer:
         with (self.run_dir / METRICS).open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        """Keep the rows of the epochs a checkpoint covers, each once, and drop a torn last line."""
+        path = self.run_dir / METRICS
+        rows: dict[int, str] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    epoch = int(row["epoch"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if 1 <= epoch <= epochs_done:
+                    rows[epoch] = json.dumps(row)
+        write_atomic(path, "".join(rows[e] + "\n" for e in sorted(rows)))
+
+    def _status(self, state: str, epoch: int, **extra: Any) -> None:
+        write_status(self.run_dir, state, epoch=epoch, epochs=self.config.epochs, **extra)
+
     # -- loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to ``config.epochs`` (or until early stopping, a stop signal or divergence)."""
+        if self.lock is None or not self.lock.held:
+            raise RuntimeError("this Trainer was closed; build a new one to train again")
+        try:
+            return self._fit()
+        except TrainingDiverged:
+            self._status("diverged", self._saved[0] if self._saved else 0)
+            raise
+        finally:
+            if not self.keep_lock:
+                self.close()
+
+    def _fit(self) -> TrainResult:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        remove_stale_temporaries(self.run_dir)
+        result = TrainResult(self.run_dir, self.program, self.dataset)
         start_epoch, start_batch, step = 0, 0, 0
         best, bad_epochs, resumed_loss = math.inf, 0, 0.0
         epoch_start_rng = None
-        if self.resume:
-            state = load_checkpoint(self.run_dir / CHECKPOINT, map_location=self.device)
-            self._check_compatible(state)
+        if self.state is not None:
+            state = self.state
+            done = self._nothing_to_do(state)
+            if done:
+                result.nothing_to_do = done
+                return result
             restore_program_state(self.program, self.params, state["program"])
             self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:  # the learning rate is the config's, not the checkpoint's
+                group["lr"] = cfg.lr
             start_epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
             best, bad_epochs, resumed_loss = state["best"], state["bad_epochs"], state["epoch_loss"]
             epoch_start_rng = state["epoch_start_data_rng"]
-            _set_rng_state(state["rng"], self.data_gen)
-        result = TrainResult(self.run_dir, self.program, self.dataset)
+            _set_rng_state({k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()},
+                           self.data_gen)
+            self._truncate_metrics(start_epoch)
+            self.state = None  # free it
+        else:
+            write_atomic(self.run_dir / METRICS, "")
+        write_atomic(self.run_dir / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self._status("training", start_epoch)
         n, bsz = self.x_train.shape[0], cfg.batch_size
         batches = math.ceil(n / bsz)
         steps_per_epoch = self.steps_per_epoch
+        last_save = time.monotonic()
         with _StopFlag() as stop:
             for epoch in range(start_epoch, cfg.epochs):
                 if start_batch and epoch_start_rng is not None:  # resuming inside an epoch
@@ -286,6 +512,9 @@ class Trainer:
                         if losses:
                             self._check_finite(torch.stack(losses), step - len(losses), epoch,
                                                b - len(losses), cause=e)
+                        if step and not self._parameters_finite():
+                            raise self._diverged("the parameters became NaN or infinite", step, epoch, b,
+                                                 first_step=False) from e
                         raise
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -293,21 +522,25 @@ class Trainer:
                     step += 1
                     losses.append(loss.detach() * xb.shape[0])
                     last = b == batches - 1
-                    if len(losses) >= LOG_EVERY or last or stop.requested:
+                    due = not last and self._checkpoint_due(step, last_save)
+                    if len(losses) >= LOG_EVERY or last or stop.requested or due:
                         chunk = torch.stack(losses)
                         self._check_finite(chunk, step - len(losses), epoch, b - len(losses) + 1)
                         epoch_loss += float(chunk.sum())
                         losses.clear()
                         done = min((b + 1) * bsz, n)
                         bar.set_postfix(loss=f"{epoch_loss / done:.3f}")
-                    if stop.requested and not last:
-                        save_checkpoint(self._state(epoch, b + 1, step, epoch_start_rng, best, bad_epochs,
-                                                    epoch_loss), self.run_dir / CHECKPOINT)
-                        bar.close()
-                        tqdm.write(f"saved {self.run_dir / CHECKPOINT} at epoch {epoch + 1}, "
-                                   f"batch {b + 1}/{batches}")
-                        result.interrupted = True
-                        return result
+                    if (stop.requested or due) and not last:
+                        if not self._parameters_finite():
+                            raise self._diverged("the parameters became NaN or infinite", step, epoch, b,
+                                                 first_step=False)
+                        self._save(self.run_dir / CHECKPOINT, epoch, b + 1, step, epoch_start_rng, best, bad_epochs,
+                                   epoch_loss)
+                        last_save = time.monotonic()
+                        self._status("training", epoch, batch=b + 1, step=step)
+                        if stop.requested:
+                            bar.close()
+                            return self._interrupted(result, stop, epoch, b + 1, step, batches)
                 bar.close()
                 start_batch = 0
                 row = self._end_of_epoch(epoch, step, epoch_loss / n, time.perf_counter() - t0)
@@ -315,28 +548,69 @@ class Trainer:
                 score = -row["valid_bound"]
                 if score < best:
                     best, bad_epochs = score, 0
-                    save_checkpoint(self._state(epoch + 1, 0, step, None, best, bad_epochs, 0.0),
-                                    self.run_dir / BEST)
+                    self._save(self.run_dir / BEST, epoch + 1, 0, step, None, best, bad_epochs, 0.0)
                 else:
                     bad_epochs += 1
-                save_checkpoint(self._state(epoch + 1, 0, step, None, best, bad_epochs, 0.0),
-                                self.run_dir / CHECKPOINT)
-                if stop.requested:
-                    result.interrupted = True
-                    return result
-                if cfg.patience and bad_epochs >= cfg.patience:
+                stopping = bool(cfg.patience and bad_epochs >= cfg.patience)
+                self._save(self.run_dir / CHECKPOINT, epoch + 1, 0, step, None, best, bad_epochs, 0.0,
+                           stopped_early=stopping)
+                last_save = time.monotonic()
+                if stop.requested and epoch + 1 < cfg.epochs:
+                    return self._interrupted(result, stop, epoch + 1, 0, step, batches)
+                if stopping:
                     tqdm.write(f"early stopping: no improvement of the validation bound for {cfg.patience} epochs")
                     result.stopped_early = True
-                    break
+                    self._status("stopped_early", epoch + 1)
+                    result.position = (epoch + 1, 0, step)
+                    return result
+                self._status("training", epoch + 1)
+        self._status("finished", cfg.epochs)
+        result.position = (cfg.epochs, 0, step)
         return result
+
+    def _checkpoint_due(self, step: int, last_save: float) -> bool:
+        cfg = self.config
+        if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+            return True
+        return bool(cfg.checkpoint_every) and time.monotonic() - last_save >= cfg.checkpoint_every
+
+    def _interrupted(self, result: TrainResult, stop: _StopFlag, epoch: int, batch: int, step: int,
+                     batches: int) -> TrainResult:
+        result.interrupted, result.signal, result.position = True, stop.signum, (epoch, batch, step)
+        where = f"epoch {epoch + 1}, batch {batch}/{batches}" if batch else f"the end of epoch {epoch}"
+        tqdm.write(f"saved {self.run_dir / CHECKPOINT} at {where}")
+        self._status("interrupted", epoch, batch=batch, step=step,
+                     signal=signal.Signals(stop.signum).name if stop.signum else None)
+        return result
+
+    def _nothing_to_do(self, state: dict[str, Any]) -> str | None:
+        """Why a resumed run has nothing left to train (it reached ``epochs`` or stopped early), else None."""
+        cfg, epoch = self.config, state["epoch"]
+        if epoch >= cfg.epochs and not state.get("batch"):
+            return (f"the run in {self.run_dir} has already trained {epoch} epoch(s) of {cfg.epochs}; "
+                    f"pass --epochs with more than {epoch} to train longer")
+        if state.get("stopped_early") and cfg.patience and state.get("bad_epochs", 0) >= cfg.patience:
+            return (f"the run in {self.run_dir} stopped early after epoch {epoch}: the validation bound did not "
+                    f"improve for {state['bad_epochs']} epochs (patience {cfg.patience}); pass a larger --patience, "
+                    "or --patience 0, to train on")
+        return None
+
+    def _parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.params.values())
 
     def _end_of_epoch(self, epoch: int, step: int, train_loss: float, seconds: float) -> dict[str, Any]:
         self.program.train(False)
+        chunk = max(1, min(1000, max(self.config.batch_size, VALID_PAIRS // self.particles)))
         valid_elbo = -evaluate_loss(self.valid_elbo, self.program, self.x_valid, self.y_valid)
         if self.config.objective == "trace" and self.config.particles in (None, 1):
             valid_bound = valid_elbo
         else:
-            valid_bound = -evaluate_loss(self.elbo, self.program, self.x_valid, self.y_valid)
+            valid_bound = -evaluate_loss(self.elbo, self.program, self.x_valid, self.y_valid, batch_size=chunk)
+        for name, value in (("validation ELBO", valid_elbo), (f"validation {self.config.objective} bound",
+                                                               valid_bound)):
+            if not math.isfinite(value):
+                raise self._diverged(f"the {name} became {value} at the end of epoch {epoch + 1}", step, epoch,
+                                     None, first_step=False)
         row = {
             "epoch": epoch + 1, "step": step, "train_loss": train_loss,
             "valid_elbo": valid_elbo, "valid_bound": valid_bound,
@@ -357,28 +631,67 @@ class Trainer:
         if bool(finite.all()):
             return
         bad = int((~finite).nonzero()[0])
-        raise TrainingDiverged(
-            f"loss became {float(chunk[bad])} at step {first_step + bad + 1} "
-            f"(epoch {epoch + 1}, batch {first_batch + bad + 1}); training stopped. The last good "
-            f"checkpoint is kept in {self.run_dir / CHECKPOINT}; try a smaller --lr"
-        ) from cause
+        at = first_step + bad + 1
+        raise self._diverged(f"loss became {float(chunk[bad])} at step {at} (epoch {epoch + 1}, batch "
+                             f"{first_batch + bad + 1})", at, epoch, first_batch + bad, first_step=at == 1) from cause
 
-    def _check_compatible(self, state: dict[str, Any]) -> None:
-        if state["input_dim"] != self.dataset.num_features:
+    def _diverged(self, what: str, step: int, epoch: int, batch: int | None, first_step: bool) -> TrainingDiverged:
+        """A :class:`TrainingDiverged` naming what went wrong, its likely causes, and the checkpoint kept."""
+        causes = self._likely_causes(first_step)
+        if self._saved is not None and (self.run_dir / CHECKPOINT).is_file():
+            e, b = self._saved
+            where = f"epoch {e + 1}, batch {b}" if b else f"the end of epoch {e}"
+            kept = f"The last good checkpoint ({where}) is kept in {self.run_dir / CHECKPOINT}."
+        else:
+            kept = "No checkpoint was written before this happened."
+        return TrainingDiverged(f"{what}; training stopped. {causes} {kept}")
+
+    def _likely_causes(self, first_step: bool) -> str:
+        """The knowable causes of a non-finite loss: data far from the decoder's range, options at
+        extreme values, or (after updates) a learning rate too large."""
+        cfg, m = self.config, self.config.model
+        found = []
+        if not bool(torch.isfinite(self.x_train).all()):
+            found.append("the training data hold NaN or infinite values")
+        else:
+            peak = float(self.x_train.abs().max())
+            if peak > DATA_PEAK:
+                found.append(f"the training data reach |x| = {peak:g}: values this large overflow float32 in the "
+                             "likelihood; standardize or rescale the data")
+        if self.built_in and m.decoder == "gaussian" and m.sigma_x < 1e-3:
+            found.append(f"sigma_x = {m.sigma_x:g} makes the Gaussian decoder's squared errors huge; "
+                         "use a larger --sigma-x")
+        if cfg.beta > 1e3:
+            found.append(f"beta = {cfg.beta:g} is extreme")
+        if first_step:
+            lead = ("It happened at the first step, before any parameter update, so the learning rate is not the "
+                    "cause: the model gives a non-finite loss on this data at its initial parameters.")
+        else:
+            lead = f"The parameters were updated with lr = {cfg.lr:g}" + (
+                ", which is large for Adam (usual values are 1e-4 to 1e-2); try a smaller --lr."
+                if cfg.lr > 1e-2 else "; a smaller --lr may help.")
+        return " ".join([lead] + ([f"Likely cause: {'; '.join(found)}."] if found else []))
+
+    def _check_resumable(self, state: dict[str, Any], program: Any) -> None:
+        """Refuse to resume with options that change the program, objective or batches (by name), with a
+        program that is not the checkpoint's, or on another kind of device."""
+        if program is None and not state.get("built_in", True):
+            raise CheckpointError(f"{self.run_dir} was trained from a model/guide pair given as Python objects; "
+                                  "resume it from Python with the same pair: "
+                                  "train(config, program=(model, guide), resume=True)")
+        try:
+            saved = TrainConfig.from_dict(state["config"])
+        except ValueError as e:
+            raise CheckpointError(f"{self.run_dir / CHECKPOINT} holds a config this pyro-vae cannot read: {e}") from None
+        refused = self.config.refused_on_resume(saved)
+        if refused:
             raise CheckpointError(
-                f"checkpoint expects {state['input_dim']} features but {self.dataset.name} has "
-                f"{self.dataset.num_features}"
-            )
-        # Everything that changes the program, the objective or the sequence of batches.
-        shaping = sorted(ModelConfig.field_names() | {"program", "objective", "particles", "alpha", "data", "seed",
-                                                      "batch_size"})
-        saved, now = TrainConfig.from_dict(state["config"]).to_flat(), self.config.to_flat()
-        changed = [k for k in shaping if saved.get(k) != now.get(k)]
-        if changed:
-            raise CheckpointError(
-                "cannot resume with a different " + ", ".join(
-                    f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})" for k in changed)
-            )
+                "cannot resume with a different " + ", ".join(refused) + "; on resume only "
+                + ", ".join(RESUMABLE) + " may change (start a new run to change the others)")
+        trained_on = state.get("device")
+        if trained_on and trained_on != self.device.type:
+            raise CheckpointError(f"cannot resume on {self.device.type}: the run was trained on {trained_on}, and its "
+                                  f"random number states are {trained_on}'s; resume with --device {trained_on}")
 
 
 def train(config: TrainConfig | None = None, program: Any = None, dataset: Dataset | None = None,

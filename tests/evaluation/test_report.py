@@ -14,7 +14,7 @@ from pyro_vae.evaluation import arviz_compat
 from pyro_vae.evaluation.evaluator import EvaluationOptions, evaluate_test_set
 from pyro_vae.evaluation.report import (
     EvaluationMissing,
-    compare_runs,
+    compare_rows,
     fmt_estimate,
     format_table,
     jsonable,
@@ -104,16 +104,39 @@ def test_compare_prints_runs_side_by_side(evaluated_run, tmp_path, capsys):
     assert len(lines[0]) == len(lines[1])
 
 
-def test_compare_names_the_run_that_was_not_evaluated(evaluated_run, tmp_path, capsys):
+def test_compare_shows_every_run_it_can_and_says_why_the_others_have_no_numbers(evaluated_run, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "evaluation.json").write_text("{not json")
+    assert main(["compare", str(evaluated_run), str(bare), str(broken), str(tmp_path / "nowhere")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and lines[0].rstrip().endswith("note")
+    assert str(evaluated_run) in lines[2] and "-" not in lines[2].split()[5]
+    assert str(bare) in lines[3] and f"run `pyro-vae evaluate {bare}` first" in lines[3]
+    assert str(broken) in lines[4] and "not valid JSON" in lines[4]
+    assert "no such run directory" in lines[5]
+    assert main(["compare", str(bare)]) == 2  # nothing to compare at all
+    assert "none of the runs has an evaluation" in capsys.readouterr().err
     with pytest.raises(EvaluationMissing, match=f"run `pyro-vae evaluate {bare}` first"):
-        compare_runs([evaluated_run, bare])
-    assert main(["compare", str(evaluated_run), str(bare)]) == 2
-    err = capsys.readouterr().err
-    assert str(bare) in err and "pyro-vae evaluate" in err
-    with pytest.raises(EvaluationMissing):
         load_evaluation(bare)
+
+
+def test_compare_marks_stale_evaluations_and_unfinished_training(evaluated_run, tmp_path, capsys):
+    from pyro_vae.train.checkpoint import load_checkpoint, save_checkpoint
+    from pyro_vae.train.rundir import write_status
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    assert compare_rows([run])[0]["note"] == ""  # a copy keeps its evaluation fresh
+    state = load_checkpoint(run / "best.pt")
+    state["epoch"] += 1  # the checkpoint changes after the evaluation
+    save_checkpoint(state, run / "best.pt")
+    write_status(run, "training", epoch=1, epochs=5)  # says training, but no process holds the lock
+    assert main(["compare", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "incomplete: killed at epoch 1/5" in out and "stale: the checkpoint changed" in out
 
 
 def test_no_plots_writes_the_report_without_pictures(evaluated_run, tmp_path):

@@ -1,0 +1,92 @@
+"""Checksums of checkpoint contents and fingerprints of data sets.
+
+A checkpoint stores :func:`state_digest` of everything it holds; loading
+recomputes it, so one flipped bit in a weight is a clear error instead of a
+model that evaluates to nonsense.  A run stores :func:`data_fingerprint` of
+the data it was trained on; resuming, evaluating and sampling compare it with
+the data found now under the same name or path (:func:`check_data_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Any
+
+import torch
+
+ALGORITHM = "sha256"
+
+
+class DataChangedWarning(UserWarning):
+    """The data under a run's data name or path differs from the data it was trained on."""
+
+
+class DataChangedError(ValueError):
+    """The data under a run's data name or path differs from the data it was trained on."""
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _feed(h: "hashlib._Hash", value: Any) -> None:
+    """Hash ``value`` with its type and structure, dict entries in sorted key order."""
+    if isinstance(value, torch.Tensor):
+        h.update(f"T{value.dtype}{tuple(value.shape)}:".encode())
+        h.update(_tensor_bytes(value))
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):
+            h.update(f"K{type(key).__name__}:{key!s}:".encode())
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}:".encode())
+        for item in value:
+            _feed(h, item)
+    else:  # None, bool, int, float, str: their repr is exact
+        h.update(f"V{type(value).__name__}:{value!r};".encode())
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """Hex digest of a checkpoint's contents: every tensor's dtype, shape and bytes and every
+    other value, in a fixed order."""
+    h = hashlib.new(ALGORITHM)
+    _feed(h, state)
+    return h.hexdigest()
+
+
+def data_fingerprint(dataset: Any) -> dict[str, str]:
+    """Per split (``train``, ``valid``, ``test``), a short digest of its values and labels."""
+    out = {}
+    for split in ("train", "valid", "test"):
+        h = hashlib.new(ALGORITHM)
+        for part in (getattr(dataset, split), getattr(dataset, f"{split}_labels", None)):
+            if part is None:
+                h.update(b"none")
+            else:
+                h.update(f"{part.dtype}{tuple(part.shape)}:".encode())
+                h.update(_tensor_bytes(part))
+        out[split] = h.hexdigest()[:32]
+    return out
+
+
+def check_data_fingerprint(saved: dict[str, str] | None, dataset: Any, what: str, allow_changed: bool = False,
+                           flag: str = "--allow-changed-data") -> None:
+    """Compare the fingerprint a run recorded with ``dataset``'s.  A difference is a
+    :class:`DataChangedError`, or with ``allow_changed`` a :class:`DataChangedWarning`.  Runs that
+    recorded none are not checked."""
+    if not saved:
+        return
+    now = data_fingerprint(dataset)
+    changed = [s for s in ("train", "valid", "test") if s in saved and saved[s] != now[s]]
+    if not changed:
+        return
+    message = (f"the data {dataset.name!r} differs from the data {what} was trained on (changed split(s): "
+               f"{', '.join(changed)}); the numbers would not describe that run")
+    if allow_changed:
+        warnings.warn(message + "; continuing because changed data was allowed", DataChangedWarning, stacklevel=2)
+        return
+    raise DataChangedError(message + (f"; restore the original data, or pass {flag} to use this data anyway"
+                                      if flag else "; restore the original data"))
