@@ -1,0 +1,424 @@
+"""Runs never collide, resume is honest, nothing is lost, files are verified, configs are strict,
+divergence is explained: the in-process half (the real-signal half is tests/cli/test_signals.py).
+
+Every training here is a tiny model on the digits with one torch thread, so the whole module
+stays fast on a busy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from pyro_vae.cli.main import main
+from pyro_vae.data import Dataset
+from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_vae.train.config import RESUMABLE, TrainConfig, load_toml
+from pyro_vae.train.integrity import data_fingerprint, state_digest
+from pyro_vae.train.memory import TooLarge
+from pyro_vae.train.rundir import RunLock, create_unique_run_dir, is_locked, run_status
+from pyro_vae.train.trainer import Trainer, TrainingDiverged, train
+
+TINY = dict(latent_dim=2, hidden=[8], batch_size=256, progress=False, patience=0)
+FLAGS = ["--latent-dim", "2", "--hidden", "8", "--batch-size", "256", "--no-progress", "--patience", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(cpu_threads):
+    torch.set_num_threads(1)  # several test processes share the machine: no thread contention
+
+
+def _params(run_dir, name="checkpoint.pt"):
+    return load_checkpoint(run_dir / name)["program"]["params"]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(f"pyro-vae {argv[0]}: error: ")
+    return err
+
+
+# -- 1. run directories ------------------------------------------------------------------------------
+
+def test_default_run_dirs_are_unique_within_one_second(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")  # every name in the same second
+    dirs = {create_unique_run_dir(tmp_path / "runs", "digits-trace") for _ in range(50)}
+    assert len(dirs) == 50 and all(d.is_dir() for d in dirs)
+
+
+def test_a_run_dir_is_locked_while_written_and_released_after(tmp_path, digits):
+    cfg = TrainConfig.from_flat(dict(epochs=1, run_dir=str(tmp_path / "r"), **TINY))
+    trainer = Trainer(cfg, dataset=digits)
+    assert is_locked(tmp_path / "r")
+    trainer.fit()
+    assert not is_locked(tmp_path / "r")  # released when fit returns
+
+
+def test_a_run_dir_that_is_a_file_or_foreign_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "exists and is not a directory" in _error(["train", *FLAGS, "--run-dir", str(tmp_path / "file")], capsys)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("mine")
+    assert "holds no pyro-vae run" in _error(["train", *FLAGS, "--run-dir", str(tmp_path / "docs")], capsys)
+    assert "Not a directory" in _error(["train", *FLAGS, "--run-dir", str(tmp_path / "file" / "sub")], capsys)
+
+
+# -- 2. resume is honest -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("resume") / "run"
+    assert main(["train", *FLAGS, "--epochs", "1", "--run-dir", str(run)]) == 0
+    return run
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run, tmp_path / "run")
+
+
+@pytest.mark.parametrize("flags,name", [
+    (["--beta", "0.5"], "beta (checkpoint 1.0, now 0.5)"),
+    (["--latent-dim", "3"], "latent_dim (checkpoint 2, now 3)"),
+    (["--seed", "1"], "seed (checkpoint 0, now 1)"),
+    (["--batch-size", "128"], "batch_size (checkpoint 256, now 128)"),
+    (["--objective", "iwae"], "objective (checkpoint 'trace', now 'iwae')"),
+    (["--warmup-epochs", "1"], "warmup_epochs"),
+    (["--particles", "3"], "particles (checkpoint None, now 3)"),
+    (["--prior", "mixture"], "prior"),
+    (["--data", "mnist"], "data (checkpoint 'digits', now 'mnist')"),
+])
+def test_resume_refuses_options_that_change_the_program_objective_or_batches_by_name(
+        one_epoch_run, tmp_path, capsys, flags, name):
+    run = _copy(one_epoch_run, tmp_path)
+    err = _error(["train", "--resume", str(run), "--epochs", "2", *flags], capsys)
+    assert f"cannot resume with a different {name}" in err and "may change" in err
+
+
+def test_resume_with_a_new_lr_really_steps_with_it_and_records_it(tmp_path, digits):
+    """Resuming with lr=b after an epoch at lr=a equals one run whose optimizer is switched to b
+    at the same step: the new rate is what the optimizer uses, not only what config.json says."""
+    cfg = TrainConfig.from_flat(dict(epochs=2, lr=1e-3, **TINY))
+    train(cfg.replace(epochs=1, run_dir=str(tmp_path / "split")), dataset=digits)
+    train(cfg.replace(lr=2e-2, run_dir=str(tmp_path / "split")), dataset=digits, resume=True)
+
+    trainer = Trainer(cfg.replace(run_dir=str(tmp_path / "switched")), dataset=digits)
+    original = trainer.program.set_progress
+
+    def switch_lr_after_one_epoch(step, steps_per_epoch):
+        if step == steps_per_epoch:
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = 2e-2
+        original(step, steps_per_epoch)
+
+    trainer.program.set_progress = switch_lr_after_one_epoch
+    trainer.fit()
+    assert _same(_params(tmp_path / "split"), _params(tmp_path / "switched"))
+    state = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == 2e-2 and state["config"]["lr"] == 2e-2
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["lr"] == 2e-2
+
+
+def test_resume_applies_a_config_file_like_flags_and_refuses_another_run_dir(one_epoch_run, tmp_path, capsys):
+    run = _copy(one_epoch_run, tmp_path)
+    toml = tmp_path / "more.toml"
+    toml.write_text("epochs = 2\npatience = 3\n")
+    assert main(["train", "--resume", str(run), "--config", str(toml), "--no-progress"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["epochs"], saved["patience"]) == (2, 3)  # the recorded config is what ran
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    toml.write_text("epochs = 3\nhidden = [9]\n")
+    assert "different hidden (checkpoint [8], now [9])" in _error(
+        ["train", "--resume", str(run), "--config", str(toml)], capsys)
+    assert "differs from --resume" in _error(
+        ["train", "--resume", str(run), "--run-dir", str(tmp_path / "elsewhere"), "--epochs", "3"], capsys)
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_do(one_epoch_run, tmp_path, capsys):
+    run = _copy(one_epoch_run, tmp_path)
+    before = (run / "config.json").read_text()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (run / "config.json").read_text() == before  # nothing ran, so nothing is recorded
+
+
+def test_resumable_options_are_the_documented_ones():
+    assert set(RESUMABLE) == {"epochs", "patience", "lr", "device", "progress", "checkpoint_every",
+                              "checkpoint_every_steps", "run_dir", "data_dir"}
+
+
+# -- 3. nothing lost: mid-epoch checkpoints, metrics and temporary files -------------------------------
+
+def test_mid_epoch_checkpoints_resume_bit_for_bit(tmp_path, digits):
+    """A checkpoint written every 2 steps inside an epoch resumes to the same parameters as a
+    straight run (a kill then loses at most 2 steps)."""
+    cfg = TrainConfig.from_flat(dict(epochs=2, **{**TINY, "batch_size": 128}))
+    train(cfg.replace(run_dir=str(tmp_path / "straight")), dataset=digits)
+    trainer = Trainer(cfg.replace(run_dir=str(tmp_path / "split"), checkpoint_every_steps=2), dataset=digits)
+    original = trainer.program.set_progress
+
+    def crash_at_step_15(step, steps_per_epoch):
+        if step == 15:
+            raise RuntimeError("simulated crash")
+        original(step, steps_per_epoch)
+
+    trainer.program.set_progress = crash_at_step_15
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 3, 14)  # 11 steps per epoch: the last even step
+    train(cfg.replace(run_dir=str(tmp_path / "split")), dataset=digits, resume=True)
+    assert _same(_params(tmp_path / "straight"), _params(tmp_path / "split"))
+
+
+def test_resume_truncates_metrics_to_the_checkpoint_and_removes_temporary_files(one_epoch_run, tmp_path):
+    run = _copy(one_epoch_run, tmp_path)
+    metrics = run / "metrics.jsonl"
+    row = metrics.read_text().splitlines()[0]
+    later = json.dumps({**json.loads(row), "epoch": 2})  # written after the checkpoint, before a kill
+    metrics.write_text(f"{row}\n{row}\n{later}\n" + '{"epoch": 3, "train_lo')  # duplicate, too new, torn
+    (run / "checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (run / ".samples-1234.tmp.png").write_bytes(b"half a picture")
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == json.loads(row)
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp.png"))
+    assert run_status(run)["state"] == "finished"
+
+
+def test_a_fresh_run_in_a_directory_left_without_checkpoint_starts_clean_metrics(tmp_path, digits):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1.0}\n')  # killed before its first checkpoint
+    train(TrainConfig.from_flat(dict(epochs=1, run_dir=str(run), **TINY)), dataset=digits)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+# -- 4. integrity ---------------------------------------------------------------------------------------
+
+def _flip_one_bit_of_a_weight(path):
+    state = load_checkpoint(path)
+    weight = next(iter(state["program"]["params"].values()))
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).find(weight.numpy().tobytes()[:16])
+    assert at > 0
+    raw[at + 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_in_a_weight_is_refused_by_name(one_epoch_run, tmp_path, capsys):
+    run = _copy(one_epoch_run, tmp_path)
+    _flip_one_bit_of_a_weight(run / "best.pt")
+    for argv in (["evaluate", str(run), "--particles", "5", "--no-plots"], ["sample", str(run)]):
+        err = _error(argv, capsys)
+        assert f"{run / 'best.pt'} is corrupt" in err and "checksum" in err
+    _flip_one_bit_of_a_weight(run / "checkpoint.pt")
+    assert "checkpoint.pt is corrupt" in _error(["train", "--resume", str(run), "--epochs", "2"], capsys)
+
+
+def test_checksums_cover_every_value_and_survive_a_round_trip(tmp_path):
+    state = {"program": {"params": {"w": torch.arange(6.0).reshape(2, 3)}}, "config": {"lr": 0.1},
+             "input_dim": 3, "epoch": 1, "opt": {0: {"step": torch.tensor(3.0)}}}
+    save_checkpoint(state, tmp_path / "c.pt")
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    assert loaded["checksum"]["digest"] == state_digest(state)
+    for change in ({"epoch": 2}, {"config": {"lr": 0.2}}, {"opt": {0: {"step": torch.tensor(4.0)}}}):
+        assert state_digest({**state, **change}) != state_digest(state)
+
+
+def _array_run(tmp_path, capsys, seed=0):
+    import numpy as np
+
+    data = tmp_path / "data.npy"
+    np.save(data, np.random.default_rng(seed).random((120, 6)).astype(np.float32))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), *FLAGS, "--epochs", "1", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    return data, run
+
+
+def test_data_changed_under_the_same_path_is_refused_or_allowed_with_a_warning(tmp_path, capsys):
+    import numpy as np
+
+    data, run = _array_run(tmp_path, capsys)
+    state = load_checkpoint(run / "best.pt")
+    np.save(data, np.random.default_rng(1).random((120, 6)).astype(np.float32))
+    for argv in (["evaluate", str(run), "--particles", "5", "--no-plots", "--no-progress"], ["sample", str(run)]):
+        err = _error(argv, capsys)
+        assert "differs from the data" in err and "--allow-changed-data" in err
+        assert main([*argv, "--allow-changed-data"]) == 0
+        assert "warning: the data" in capsys.readouterr().err
+    assert "differs from the data" in _error(["train", "--resume", str(run), "--epochs", "2"], capsys)
+    assert set(state["data_fingerprint"]) == {"train", "valid", "test"}
+
+
+def test_fingerprints_tell_splits_and_labels_apart(digits):
+    same = Dataset(name="x", train=digits.train.clone(), valid=digits.valid, test=digits.test,
+                   train_labels=digits.train_labels, valid_labels=digits.valid_labels,
+                   test_labels=digits.test_labels, image_shape=digits.image_shape, binary=digits.binary,
+                   dynamic_binarization=False, num_classes=10)
+    assert data_fingerprint(same) == data_fingerprint(digits)
+    same.train_labels = digits.train_labels.flip(0)
+    assert data_fingerprint(same)["train"] != data_fingerprint(digits)["train"]
+
+
+# -- 5. strict configuration ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("toml,message", [
+    ('conditional = "false"', "conditional must be true or false, got 'false' (str)"),
+    ('lr = "fast"', "lr must be a number, got 'fast' (str)"),
+    ("lr = nan", "lr must be a finite number, got nan"),
+    ("beta = inf", "beta must be a finite number, got inf"),
+    ("sigma_x = -inf", "sigma_x must be a finite number, got -inf"),
+    ("temperature = nan", "temperature must be a finite number"),
+    ("epochs = 2.5", "epochs must be an integer, got 2.5 (float)"),
+    ("epochs = true", "epochs must be an integer, got True (bool)"),
+    ("progress = 1", "progress must be true or false, got 1 (int)"),
+    ('hidden = "12"', "hidden must be a list, got '12' (str)"),
+    ("hidden = [8, true]", "hidden[1] must be an integer, got True (bool)"),
+    ("hidden = [0]", "hidden sizes must be a list of positive integers"),
+    ("data = 5", "data must be a string, got 5 (int)"),
+    ('device = "gpu"', "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
+    ('device = "cuda:x"', "got 'cuda:x'"),
+    ("seed = -1", "seed must be an integer in [0, 4294967295], got -1"),
+    ("checkpoint_every = -5", "checkpoint_every must be >= 0, got -5.0"),
+    ("latent-dim = 3\nlatent_dim = 4", "sets latent_dim twice: as 'latent-dim' and as 'latent_dim'"),
+    ("epochs = 3\n[train]\nepochs = 4", "sets epochs twice: as 'epochs' and as 'epochs' in [train]"),
+    ("[optimizer]\nlr = 0.1", "has a table [optimizer]"),
+    ("[model]\nlr = 0.1", "[model] has no option 'lr'"),
+    ("latent_size = 3", "unknown config key(s) latent_size"),
+    ("lr = ", "is not valid TOML"),
+])
+def test_bad_config_values_are_refused_by_name(tmp_path, capsys, toml, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml + "\n")
+    err = _error(["train", "--config", str(path), "--run-dir", str(tmp_path / "r")], capsys)
+    assert message in err
+    assert not (tmp_path / "r").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "nan"], "argument --lr: expected a positive finite number, got nan"),
+    (["--lr", "inf"], "argument --lr: expected a positive finite number, got inf"),
+    (["--beta", "nan"], "argument --beta: expected a finite number, got nan"),
+    (["--alpha", "inf"], "argument --alpha: expected a finite number, got inf"),
+    (["--sigma-x", "nan"], "argument --sigma-x"),
+    (["--warmup-epochs", "-1"], "argument --warmup-epochs: expected a finite number >= 0, got -1"),
+    (["--checkpoint-every", "inf"], "argument --checkpoint-every: expected a finite number"),
+    (["--device", "tpu"], "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    (["--seed", str(2**64)], "argument --seed: expected a seed in [0, 4294967295]"),
+    (["--patience", "-1"], "argument --patience: expected an integer >= 0, got -1"),
+])
+def test_bad_flags_are_refused_by_name(capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_toml_model_table_and_dashes_are_read(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text('[model]\nlatent-dim = 2\nhidden = [8]\n[train]\nepochs = 1\n')
+    assert load_toml(path) == {"latent_dim": 2, "hidden": [8], "epochs": 1}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--objective", "iwae", "--particles", "100000000"], "one training step of particles 100000000 x batch_size"),
+    (["--hidden", "1000000000"], "the model, mostly its encoder"),
+    (["--prior", "vamp", "--pseudo-inputs", "10000000000"], "mostly its pseudo_inputs 10000000000 x 64 features"),
+])
+def test_requests_that_cannot_fit_in_memory_are_refused_before_allocating(tmp_path, capsys, flags, message):
+    err = _error(["train", *flags, "--epochs", "1", "--no-progress", "--run-dir", str(tmp_path / "r")], capsys)
+    assert message in err and "of memory, more than the" in err
+
+
+def test_a_conditional_model_refuses_a_label_of_a_billion(tmp_path, capsys):
+    import numpy as np
+
+    x = np.random.default_rng(0).random((60, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.r_[np.zeros(59, dtype=np.int64), [10**9]])
+    err = _error(["train", "--data", str(tmp_path / "d.npz"), "--conditional", *FLAGS, "--run-dir",
+                  str(tmp_path / "r")], capsys)
+    assert "labels up to 1000000000" in err and "at most 10000 classes" in err
+    with pytest.raises(TooLarge):
+        from pyro_vae.train.memory import check_num_classes
+        check_num_classes(10**9 + 1, "data")
+
+
+# -- 6. divergence messages -------------------------------------------------------------------------------
+
+def test_a_nan_at_the_first_step_blames_the_model_or_data_not_the_lr_and_no_checkpoint(tmp_path, digits):
+    trainer = Trainer(TrainConfig.from_flat(dict(epochs=1, run_dir=str(tmp_path), **TINY)), dataset=digits)
+    trainer.loss_fn = lambda *args: torch.tensor(float("nan"), requires_grad=True)
+    with pytest.raises(TrainingDiverged) as e:
+        trainer.fit()
+    text = str(e.value)
+    assert "loss became nan at step 1" in text and "learning rate is not the cause" in text
+    assert "No checkpoint was written" in text and "--lr" not in text
+    assert run_status(tmp_path)["state"] == "diverged"
+
+
+def test_a_later_divergence_names_the_checkpoint_that_exists_and_a_large_lr(tmp_path, digits):
+    trainer = Trainer(TrainConfig.from_flat(dict(epochs=2, lr=0.5, run_dir=str(tmp_path), **TINY)), dataset=digits)
+    honest, calls = trainer.loss_fn, {"n": 0}
+
+    def nan_in_epoch_two(*args):
+        calls["n"] += 1
+        loss = honest(*args)
+        return loss * float("nan") if calls["n"] > trainer.steps_per_epoch else loss
+
+    trainer.loss_fn = nan_in_epoch_two
+    with pytest.raises(TrainingDiverged) as e:
+        trainer.fit()
+    text = str(e.value)
+    assert f"checkpoint (the end of epoch 1) is kept in {tmp_path / 'checkpoint.pt'}" in text
+    assert "lr = 0.5, which is large for Adam" in text
+
+
+def test_data_far_outside_the_networks_range_is_named(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "huge.npy", (np.random.default_rng(0).random((60, 6)) * 1e30).astype(np.float32))
+    err = _error(["train", "--data", str(tmp_path / "huge.npy"), "--decoder", "gaussian", *FLAGS, "--epochs", "1",
+                  "--run-dir", str(tmp_path / "r")], capsys)
+    assert "training data reach |x| = 9" in err and "standardize or rescale" in err
+    assert "Trace Shapes" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_programs_of_python_objects_are_resumed_from_python_only(tmp_path, digits, capsys):
+    import user_programs
+
+    train(TrainConfig.from_flat(dict(epochs=1, run_dir=str(tmp_path / "r"), progress=False)),
+          program=user_programs.param_program(), dataset=digits)
+    assert "resume it from Python with the same pair" in _error(["train", "--resume", str(tmp_path / "r"),
+                                                                  "--epochs", "2"], capsys)
+
+
+def test_a_second_lock_holder_in_another_process_is_refused(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pyro_vae.train.rundir import RunLock\n"
+                               f"RunLock({str(tmp_path / 'r')!r}).acquire()\nprint('locked', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _error(["train", *FLAGS, "--run-dir", str(tmp_path / "r")], capsys)
+        assert f"in use by another pyro-vae process (pid {holder.pid}" in err
+        with pytest.raises(ValueError, match="in use"):
+            RunLock(tmp_path / "r").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not is_locked(tmp_path / "r")  # the OS released it with the process
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        Trainer(TrainConfig.from_flat(dict(run_dir=str(tmp_path / "r"), **TINY)), resume=True)
