@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -16,7 +18,7 @@ from pyro_vae.cli.train import config_from_args  # noqa: F401  (the flags -> Tra
 from pyro_vae.data import DataError
 from pyro_vae.models.decoders import DataDomainError
 from pyro_vae.train.checkpoint import CheckpointError
-from pyro_vae.train.trainer import TrainingDiverged
+from pyro_vae.train.trainer import Stopped, TrainingDiverged
 
 COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "sample": sample}
 USER_ERRORS = (ValueError, CheckpointError, DataError, DataDomainError, TrainingDiverged, FileNotFoundError)
@@ -35,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command.  Exit status: 0 done, 2 a bad input (one line naming it), 1 the machine
     refused (a file that cannot be written, memory), 128+N stopped by signal N."""
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _signals_stop():
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
         try:
             return COMMANDS[args.command].run(args)
@@ -52,9 +54,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"pyro-vae {args.command}: error: out of memory ({str(e).splitlines()[0] if str(e) else 'no detail'});"
                   " lower the sizes, particles or batch size", file=sys.stderr)
             return 1
+        except Stopped as e:
+            print(f"pyro-vae {args.command}: stopped by {signal.Signals(e.signum).name}; nothing half-written "
+                  "was left", file=sys.stderr)
+            return 128 + e.signum
         except KeyboardInterrupt:
             print("aborted", file=sys.stderr)
             return 130
+
+
+@contextlib.contextmanager
+def _signals_stop():
+    """While a command runs, SIGTERM and SIGHUP raise :class:`Stopped` (the training loop installs
+    its own handlers, which stop after the current step and save)."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        try:
+            previous[signum] = signal.signal(signum, stop)
+        except ValueError:  # not the main thread: signals keep their handlers
+            pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _without_trace_shapes(message: str) -> str:

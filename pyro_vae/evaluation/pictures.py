@@ -10,6 +10,7 @@ before anything is computed (:func:`check_writable`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -75,17 +76,9 @@ def write_run_pictures(run_dir: str | Path, out_dir: str | Path | None = None, n
         raise OutputError(f"--num {num} makes {pages} pictures of up to {PAGE_ROWS * PAGE_COLS} samples, about "
                           f"{fmt_bytes(pages * PAGE_BYTES)}, but only {fmt_bytes(free)} are free in {out}; "
                           "ask for fewer samples")
-    with RunLock(run.run_dir, "sampling") if out.resolve() == run.run_dir.resolve() else _nothing():
+    with RunLock(run.run_dir, "sampling") if out.resolve() == run.run_dir.resolve() else contextlib.nullcontext():
         data = run.load_data(data_dir, allow_changed_data)
         return draw_run_pictures(run, data, out, num, seed)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _pages(labels: list[int | None], per_row: int) -> list[tuple[list[int | None], int]]:

@@ -210,7 +210,7 @@ def run_notes(run_dir: str | Path, evaluation: dict[str, Any] | None = None) -> 
         at = f"epoch {epoch}/{epochs}"
         if state == "training":
             notes.append(f"training in progress ({at})")
-        elif state in ("killed", "interrupted"):
+        elif state in ("killed", "interrupted", "aborted", "failed"):
             notes.append(f"incomplete: {state} at {at}")
         elif state == "diverged":
             notes.append(f"incomplete: diverged after {at}")

@@ -70,13 +70,15 @@ def evaluate(run_dir: str | Path, particles: int = DEFAULT_PARTICLES, *, num_poi
     are listed in ``report["write_errors"]`` as ``(path, reason)``.
     """
     t_start = time.perf_counter()
+    if num_points is not None and (isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1):
+        raise ValueError(f"num_points must be a positive integer (or None for the whole test set), got {num_points!r}")
     run = load_run(run_dir, device, program=program)
     out = Path(out_dir) if out_dir else run.run_dir
+    check_writable(out, "--out")
     lock = RunLock(run.run_dir, "evaluating") if out.resolve() == run.run_dir.resolve() else None
     if lock is not None:
         lock.acquire()
     try:
-        check_writable(out, "--out")
         return _evaluate(run, out, t_start, particles, num_points, iwae_ks, alphas, max_memory_mb, seed, plots_,
                          export_indices, posterior_samples, data_dir, allow_changed_data, progress)
     finally:
@@ -185,7 +187,8 @@ def write_pictures(run: Run, data, evaluation: EvaluationResult, x: torch.Tensor
         try:
             result = draw()
         except Exception as e:  # one picture never costs the others (or the numbers, already written)
-            errors.append((str(out / file), getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"))
+            reason = getattr(e, "strerror", None) or f"drawing it failed ({type(e).__name__}: {e})"
+            errors.append((str(out / file), reason))
             return
         if isinstance(result, dict):
             pictures.update(result)

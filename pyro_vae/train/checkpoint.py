@@ -13,6 +13,7 @@ pickled code, and checks a format marker so a foreign file gets a clear error.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, foreign or incompatible."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` with its checksum to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
@@ -46,8 +51,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch reports a full disk as a RuntimeError
+            free = shutil.disk_usage(path.parent).free
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            raise CheckpointWriteError(e.errno if isinstance(e, OSError) else None,
+                                       f"could not write the checkpoint ({reason}; {free // 2**20} MB free on that "
+                                       "disk); the previous checkpoint, if any, is intact", str(path)) from e
         raise
 
 

@@ -134,6 +134,9 @@ class TrainConfig:
         check_device_name(self.device)
         if not self.data:
             raise ValueError("data must name a data set or a .npy/.npz file, got an empty string")
+        for name in ("run_dir", "data_dir", "program"):  # None means the default; "" would silently mean it too
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must not be empty; leave it out for the default")
         self.model.validate()
 
     def refused_on_resume(self, saved: "TrainConfig") -> list[str]:
@@ -221,10 +224,16 @@ def _flatten_toml(path: Path, values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         if key in ("train", "model") and isinstance(value, dict):
             for inner, v in value.items():
-                if key == "model" and inner.replace("-", "_") not in ModelConfig.field_names():
-                    raise ValueError(f"config file {path}: [model] has no option {inner!r}; model options are "
-                                     f"{', '.join(sorted(ModelConfig.field_names()))}")
-                add(inner, v, f"{inner!r} in [{key}]")
+                table = key
+                if key == "train" and inner == "model" and isinstance(v, dict):  # [train.model]
+                    tables = [("train.model", k, x) for k, x in v.items()]
+                else:
+                    tables = [(table, inner, v)]
+                for table, name, x in tables:
+                    if table != "train" and name.replace("-", "_") not in ModelConfig.field_names():
+                        raise ValueError(f"config file {path}: [{table}] has no option {name!r}; model options "
+                                         f"are {', '.join(sorted(ModelConfig.field_names()))}")
+                    add(name, x, f"{name!r} in [{table}]")
         elif isinstance(value, dict):
             raise ValueError(f"config file {path} has a table [{key}]; expected options at top level or in "
                              "[train] (and [model])")

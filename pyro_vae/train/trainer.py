@@ -74,6 +74,16 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint (if any) is kept."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal that aborts at once (a second one during training, or one outside the training
+    loop under the command line): unwinds like Ctrl-C, so temporary files are removed and locks
+    released on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; an explicit device that is not there is an error."""
     check_device_name(name)
@@ -153,7 +163,7 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise Stopped(signum)
         self.requested, self.signum = True, signum
         tqdm.write(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
                    "(send it again to abort without saving)")
@@ -443,6 +453,14 @@ class Trainer:
         except TrainingDiverged:
             self._status("diverged", self._saved[0] if self._saved else 0)
             raise
+        except BaseException as e:  # a crash or a second stop signal: say so where compare looks
+            if self.run_dir.is_dir():
+                try:
+                    self._status("aborted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                 self._saved[0] if self._saved else 0, error=f"{type(e).__name__}: {e}"[:500])
+                except OSError:
+                    pass
+            raise
         finally:
             if not self.keep_lock:
                 self.close()
@@ -585,9 +603,10 @@ class Trainer:
 
     def _nothing_to_do(self, state: dict[str, Any]) -> str | None:
         """Why a resumed run has nothing left to train (it reached ``epochs`` or stopped early), else None."""
-        cfg, epoch = self.config, state["epoch"]
-        if epoch >= cfg.epochs and not state.get("batch"):
-            return (f"the run in {self.run_dir} has already trained {epoch} epoch(s) of {cfg.epochs}; "
+        cfg, epoch, batch = self.config, state["epoch"], state.get("batch", 0)
+        if epoch >= cfg.epochs:
+            done = f"{epoch} epoch(s)" + (f" and {batch} batches of the next" if batch else "")
+            return (f"the run in {self.run_dir} has already trained {done}, --epochs is {cfg.epochs}; "
                     f"pass --epochs with more than {epoch} to train longer")
         if state.get("stopped_early") and cfg.patience and state.get("bad_epochs", 0) >= cfg.patience:
             return (f"the run in {self.run_dir} stopped early after epoch {epoch}: the validation bound did not "

@@ -110,3 +110,23 @@ def test_training_keeps_its_run_when_its_pictures_cannot_be_written(tmp_path, ca
     out, err = capsys.readouterr()
     assert "could not write the pictures" in err and "No space left on device" in err
     assert (tmp_path / "r" / "checkpoint.pt").is_file() and "checkpoint:" in out
+
+
+def test_sigterm_while_sampling_stops_with_143_and_leaves_no_half_picture(run, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import pyro_vae.evaluation.pictures as pictures
+
+    real, pages = pictures.save_image_grid, []
+
+    def term_on_second_page(x, path, *args, **kwargs):
+        pages.append(path)
+        if len(pages) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(x, path, *args, **kwargs)
+
+    monkeypatch.setattr(pictures, "save_image_grid", term_on_second_page)
+    assert main(["sample", str(run), "--num", "300", "--out", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["samples-0001.png"]  # no temporary file is left

@@ -422,3 +422,52 @@ def test_a_second_lock_holder_in_another_process_is_refused(tmp_path, capsys):
     assert not is_locked(tmp_path / "r")  # the OS released it with the process
     with pytest.raises(CheckpointError, match="cannot resume"):
         Trainer(TrainConfig.from_flat(dict(run_dir=str(tmp_path / "r"), **TINY)), resume=True)
+
+
+def test_sigterm_in_process_saves_and_a_second_one_aborts_keeping_the_last_checkpoint(tmp_path, digits):
+    import os
+    import signal
+
+    from pyro_vae.train.trainer import Stopped
+
+    cfg = TrainConfig.from_flat(dict(epochs=2, checkpoint_every_steps=3, **{**TINY, "batch_size": 128}))
+    trainer = Trainer(cfg.replace(run_dir=str(tmp_path / "once")), dataset=digits)
+    original = trainer.program.set_progress
+
+    def term_at(step_, times=1):
+        def hook(step, steps_per_epoch):
+            if step == step_:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGTERM)
+            original(step, steps_per_epoch)
+        return hook
+
+    trainer.program.set_progress = term_at(5)
+    result = trainer.fit()
+    assert result.interrupted and result.signal == signal.SIGTERM and result.position == (0, 6, 6)
+    assert run_status(tmp_path / "once")["signal"] == "SIGTERM"
+
+    trainer = Trainer(cfg.replace(run_dir=str(tmp_path / "twice")), dataset=digits)
+    original = trainer.program.set_progress
+    trainer.program.set_progress = term_at(4, times=2)  # the second arrives before the first could save
+    with pytest.raises(Stopped):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "twice" / "checkpoint.pt")
+    assert state["step"] == 3 and not list((tmp_path / "twice").glob("*.tmp"))
+    assert run_status(tmp_path / "twice")["state"] == "aborted"
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path, monkeypatch):
+    from pyro_vae.train.checkpoint import CheckpointWriteError
+
+    state = {"program": {"params": {"w": torch.zeros(2)}}, "config": {}, "input_dim": 2}
+    save_checkpoint(state, tmp_path / "c.pt")
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="could not write the checkpoint"):
+        save_checkpoint({**state, "input_dim": 3}, tmp_path / "c.pt")
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "c.pt")["input_dim"] == 2 and not list(tmp_path.glob("*.tmp"))
