@@ -191,17 +191,6 @@ def evaluate_loss(elbo, program: Program, x: torch.Tensor, y: torch.Tensor | Non
     return total / x.shape[0]
 
 
-def _make_loss_fn(elbo, program, args):  # TEMPORARY until infer.fast takes (elbo, model, guide, args)
-    import inspect
-
-    from pyro_vae.models.vae import VAE
-    if "vae" in inspect.signature(make_loss_fn).parameters:
-        if isinstance(program.module, VAE):
-            return make_loss_fn(elbo, program.module, *args)
-        return elbo.differentiable_loss
-    return make_loss_fn(elbo, program.model, program.guide, args)
-
-
 def _model_parts(config: TrainConfig, input_dim: int, num_classes: int) -> dict[str, int]:
     """A lower bound of the built-in model's parameter count, by part (the weights of its main layers)."""
     m = config.model
@@ -326,7 +315,8 @@ class Trainer:
         try:
             self.params = program_parameters(self.program, *probe)
             # The seam where a faster, equivalent estimator plugs in (see docs/performance.md).
-            self.loss_fn = _make_loss_fn(self.elbo, self.program, batch_args(self.x_train, self.y_train))
+            self.loss_fn = make_loss_fn(self.elbo, self.program.model, self.program.guide,
+                                        batch_args(self.x_train, self.y_train))
         except (ValueError, RuntimeError) as e:
             self._explain_first_run(e)
             raise

@@ -9,7 +9,8 @@ interleaved step by step on one torch thread.  The median over rounds of the
 per-round ratio must stay under :data:`MAX_RATIO`.  A combination the
 configuration refuses must say why and what to use instead.
 
-``python tests/models/test_combination_speed.py [rounds]`` prints the table.
+``python tests/models/test_combination_speed.py [rounds] [prior:guide ...]`` prints the table (of
+the named pairs only, refused ones timed anyway, when pairs are given).
 """
 
 from __future__ import annotations
@@ -133,18 +134,24 @@ def test_vamp_with_the_iaf_guide_is_refused_with_the_reason_and_the_alternatives
         assert words in message
 
 
-if __name__ == "__main__":  # the table: python tests/models/test_combination_speed.py [rounds]
+if __name__ == "__main__":  # the table: python tests/models/test_combination_speed.py [rounds] [prior:guide ...]
     import tempfile
     from pathlib import Path
 
+    from pyro_vae.models import config as model_config
+
     torch.set_num_threads(1)
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else ROUNDS
+    named = {tuple(pair.split(":")) for pair in sys.argv[2:]}
+    combinations = [c for c in COMBINATIONS if not named or (c.prior, c.guide) in named]
+    for pair in named:  # time the named pairs even if the configuration refuses them
+        model_config.REFUSED_PAIRS.pop(pair, None)
     data = load_dataset("digits")
     print(f"IWAE K={PARTICLES}, batch {BATCH} of the 8x8 digits, default sizes, 1 thread, {rounds} rounds\n")
     print("| prior x guide | layers | network | ms/step | diagonal guide ms/step | ratio (median of rounds) |")
     print("|---|---:|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as scratch:
-        for i, c in enumerate(COMBINATIONS):
+        for i, c in enumerate(combinations):
             message = refusal(c, data.num_features, data.image_shape)
             if message is not None:
                 print(f"| {c.prior} x {c.guide} | {c.layers} | {c.network} | refused | | {message} |", flush=True)
