@@ -116,17 +116,22 @@ def is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
-def _check_finite(x: torch.Tensor, where: str) -> None:
-    # Fast path: NaN/inf propagate through a sum (a finite sum proves all values
-    # finite); only if it is not finite (or overflowed) count exactly.
+def count_non_finite(x: torch.Tensor) -> tuple[int, int]:
+    """``(non-finite, NaN)`` value counts of ``x``, at the cost of one sum when there are none:
+    NaN and inf propagate through a sum, so a finite sum proves every value finite; only a
+    non-finite (or overflowed) sum is followed by an exact count."""
     if bool(torch.isfinite(x.sum())):
-        return
+        return 0, 0
     finite = torch.isfinite(x)
     if bool(finite.all()):
-        return
-    n_nan = int(torch.isnan(x).sum())
-    n_bad = int((~finite).sum())
-    raise DataError(
-        f"{where}: {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} inf) "
-        f"out of {x.numel()}; clean the data before training"
-    )
+        return 0, 0
+    return int((~finite).sum()), int(torch.isnan(x).sum())
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    n_bad, n_nan = count_non_finite(x)
+    if n_bad:
+        raise DataError(
+            f"{where}: {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} inf) "
+            f"out of {x.numel()}; clean the data before training"
+        )

@@ -77,7 +77,7 @@ class BernoulliDecoder(Decoder):
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         super().check_data(x, what)
-        lo, hi = x.min().item(), x.max().item()
+        lo, hi = (float(v) for v in torch.aminmax(x))
         if lo < 0.0 or hi > 1.0:
             raise DataDomainError(
                 f"{what} has values in [{lo:g}, {hi:g}]; the Bernoulli decoder needs values in [0, 1] "
@@ -152,7 +152,7 @@ class ContinuousBernoulliDecoder(Decoder):
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         super().check_data(x, what)
-        lo, hi = x.min().item(), x.max().item()
+        lo, hi = (float(v) for v in torch.aminmax(x))
         if lo < 0.0 or hi > 1.0:
             raise DataDomainError(
                 f"{what} has values in [{lo:g}, {hi:g}]; the continuous Bernoulli decoder needs values "

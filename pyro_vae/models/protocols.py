@@ -31,6 +31,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.distributions import Distribution
 
+from pyro_vae.data.dataset import count_non_finite
+
 #: Draws averaged by :func:`decoder_mean` for a distribution without a closed-form mean.
 MEAN_SAMPLES = 16
 
@@ -86,7 +88,7 @@ class GenerativeModel(Protocol):
 
 def check_finite(x: torch.Tensor, what: str = "data") -> None:
     """Raise :class:`DataDomainError` if ``x`` has NaN or infinite values."""
-    bad = (~torch.isfinite(x)).sum().item()
+    bad, _ = count_non_finite(x)
     if bad:
         raise DataDomainError(f"{what} has {bad} NaN or infinite values; the decoder needs finite inputs")
 

@@ -26,16 +26,18 @@ class DataChangedError(ValueError):
     """The data under a run's data name or path differs from the data it was trained on."""
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _update_with_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    """Feed ``t``'s bytes to ``h`` without copying them (a CPU tensor's buffer is read in place)."""
     t = t.detach().to("cpu").contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _feed(h: "hashlib._Hash", value: Any) -> None:
     """Hash ``value`` with its type and structure, dict entries in sorted key order."""
     if isinstance(value, torch.Tensor):
         h.update(f"T{value.dtype}{tuple(value.shape)}:".encode())
-        h.update(_tensor_bytes(value))
+        _update_with_tensor(h, value)
     elif isinstance(value, dict):
         h.update(f"D{len(value)}:".encode())
         for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):
@@ -67,7 +69,7 @@ def data_fingerprint(dataset: Any) -> dict[str, str]:
                 h.update(b"none")
             else:
                 h.update(f"{part.dtype}{tuple(part.shape)}:".encode())
-                h.update(_tensor_bytes(part))
+                _update_with_tensor(h, part)
         out[split] = h.hexdigest()[:32]
     return out
 
