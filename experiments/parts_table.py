@@ -19,8 +19,8 @@ binarized MNIST (static binarized MNIST has no labels).
 
 Usage (see experiments/run_parts_table.sh):
 
-    python experiments/parts_table.py --data-dir /work/shared/data --estimate   # timing only
-    python experiments/parts_table.py --data-dir /work/shared/data --out experiments/parts_table.md
+    python experiments/parts_table.py --data-dir path/to/data --estimate   # timing only
+    python experiments/parts_table.py --data-dir path/to/data --out experiments/parts_table.md
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The prior x guide x objective table of docs/parts.md (issue 4): every cell is the same short
+# The prior x guide x objective table of docs/parts.md: every cell is the same short
 # training on binarized MNIST (160 Adam steps), about 15-25 minutes on 2 CPU cores.
-#   DATA_DIR=/work/shared/data experiments/run_parts_table.sh
+#   DATA_DIR=path/to/data experiments/run_parts_table.sh   (default: $PYRO_VAE_DATA)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA_DIR=${DATA_DIR:-/work/shared/data}
+DATA_DIR=${DATA_DIR:-${PYRO_VAE_DATA:?set DATA_DIR or PYRO_VAE_DATA to the folder holding binarized-mnist/ and mnist/}}
 PYTHON=${PYTHON:-python}
 # timing first (seconds, no training beyond a few steps per cell), then the table
 PYTHONPATH=. "$PYTHON" experiments/parts_table.py --data-dir "$DATA_DIR" --estimate
