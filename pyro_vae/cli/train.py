@@ -10,7 +10,8 @@ from pathlib import Path
 from pyro_vae.cli.arguments import (device, finite_float, non_negative_float, non_negative_int, part_name,
                                     positive_float, positive_int, seed)
 from pyro_vae.data import DATASET_NAMES
-from pyro_vae.infer.objectives import OBJECTIVES
+from pyro_vae.infer.objectives import (DEFAULT_CIWAE_BETA, DEFAULT_GROUPS, DEFAULT_PARTICLES, GROUPED_OBJECTIVES,
+                                       OBJECTIVES)
 from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
 from pyro_vae.train.config import TrainConfig, load_toml
@@ -86,9 +87,23 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--straight-through", action="store_true", default=S,
                    help="hard one-hot latents forward, relaxed gradients backward")
     g = p.add_argument_group("objective")
-    g.add_argument("--objective", default=S, choices=OBJECTIVES, help=f"default {d.objective}")
+    g.add_argument("--objective", default=S, choices=OBJECTIVES,
+                   help=f"default {d.objective}; iwae-dreg: IWAE with doubly reparameterized guide gradients, stl: "
+                        "ELBO with the sticking-the-landing guide gradient, miwae/ciwae/piwae: the objectives of "
+                        "Rainforth et al. 2018")
+    by_default: dict[int, list[str]] = {}
+    for name in OBJECTIVES:
+        by_default.setdefault(DEFAULT_PARTICLES[name], []).append(name)
+    defaults = ", ".join(f"{k} for {'/'.join(names)}" for k, names in by_default.items())
     g.add_argument("--particles", type=positive_int, default=S,
-                   help="number of particles K (default 1 for trace/meanfield, 5 for renyi/iwae)")
+                   help=f"number of particles K per data point; for {'/'.join(GROUPED_OBJECTIVES)} the draws L of "
+                        f"each of the --groups, M*L per point in all (default {defaults})")
+    g.add_argument("--groups", type=positive_int, default=S, metavar="M",
+                   help=f"{'/'.join(GROUPED_OBJECTIVES)} only: M groups of --particles L draws each per data point "
+                        f"(default {DEFAULT_GROUPS})")
+    g.add_argument("--ciwae-beta", type=finite_float, default=S, metavar="BETA",
+                   help="ciwae only: weight in [0, 1] of the ELBO in BETA*ELBO + (1-BETA)*IWAE "
+                        f"(default {DEFAULT_CIWAE_BETA}); not --beta, the beta-VAE weight on the KL")
     g.add_argument("--alpha", type=finite_float, default=S, help="Renyi alpha (renyi only; not 1)")
     g.add_argument("--beta", type=non_negative_float, default=S, help=f"beta-VAE weight on the KL (default {d.beta})")
     g.add_argument("--warmup-epochs", type=non_negative_float, default=S,
@@ -149,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _train_and_report(trainer: Trainer) -> int:
     result = trainer.fit()
+    if not trainer.world.is_main:  # another rank of a distributed run: rank 0 reports and draws
+        return 128 + (result.signal or signal.SIGINT) if result.interrupted else 0
     run_dir = result.run_dir
     if result.nothing_to_do:
         print(f"nothing to do: {result.nothing_to_do}")

@@ -8,7 +8,9 @@ With draws ``z_k ~ q(z | x)``, ``k = 1..K``, and log-weights
   ``K`` towards ``log p(x)``; with ``K = 5000`` it is the importance-sampled
   test log-likelihood;
 * Renyi bound (Li & Turner 2016), ``1/(1-a) log (1/K) sum_k w_k^(1-a)``: the
-  IWAE bound at ``a = 0``, the ELBO as ``a -> 1``, below the ELBO for ``a > 1``.
+  IWAE bound at ``a = 0``, the ELBO as ``a -> 1``, below the ELBO for ``a > 1``;
+* MIWAE and CIWAE bounds (Rainforth et al. 2018), the mean of ``M`` IWAE bounds
+  of ``L`` draws each and the convex combination of the ELBO and the IWAE bound;
 
 and, from a reconstruction term and a KL, the canonical (beta-weighted) ELBO
 (:func:`canonical_elbo`, :func:`sgvb_estimator`) and the gap that the KL
@@ -76,14 +78,48 @@ def renyi_bound(log_weights: torch.Tensor, alpha: float, dim: int = 0) -> torch.
     return log_mean_exp((1.0 - alpha) * log_weights, dim) / (1.0 - alpha)
 
 
+def self_normalized_weights(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``w~_k = w_k / sum_j w_j`` over ``dim``: the weights of the IWAE gradient
+    ``sum_k w~_k grad log w_k`` (Burda et al. 2016; (D46) in docs/derivations.md, IWAE and
+    Renyi gradients), computed stably as a softmax of the log-weights."""
+    return torch.softmax(log_weights, dim=dim)
+
+
+def miwae_bound(log_weights: torch.Tensor, groups: int, dim: int = 0) -> torch.Tensor:
+    """MIWAE bound ``(1/M) sum_m log (1/L) sum_l w_ml``: the mean of ``M = groups`` IWAE bounds
+    of ``L = K / M`` draws each, the ``K`` draws along ``dim`` taken as ``M`` consecutive groups
+    (Rainforth et al. 2018, "Tighter variational bounds are not necessarily better"; (D48) in
+    docs/derivations.md, PIWAE, MIWAE and CIWAE).
+
+    ``groups = 1`` is :func:`iwae_bound`, ``groups = K`` is :func:`elbo_bound`.
+    """
+    k = log_weights.shape[dim]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or k % groups:
+        raise ValueError(f"MIWAE needs a number of groups M that divides the {k} draws per point, got {groups!r}")
+    values = log_weights.movedim(dim, 0)
+    grouped = values.reshape(groups, k // groups, *values.shape[1:])
+    return iwae_bound(grouped, dim=1).mean(0)
+
+
+def ciwae_bound(log_weights: torch.Tensor, beta: float, dim: int = 0) -> torch.Tensor:
+    """CIWAE bound ``beta (1/K) sum_k log w_k + (1 - beta) log (1/K) sum_k w_k`` with
+    ``beta`` in [0, 1]: the convex combination of :func:`elbo_bound` and :func:`iwae_bound`
+    on the same ``K`` draws (Rainforth et al. 2018; (D49) in docs/derivations.md, PIWAE, MIWAE
+    and CIWAE)."""
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"the CIWAE weight beta must be a number in [0, 1], got {beta!r}")
+    return beta * elbo_bound(log_weights, dim) + (1.0 - beta) * iwae_bound(log_weights, dim)
+
+
 def grouped_iwae_bound(log_weights: torch.Tensor, k: int) -> torch.Tensor:
     """IWAE bound with ``k`` particles from ``(K, ...)`` log-weights, averaged over the
-    ``floor(K / k)`` disjoint groups of ``k`` draws: every ``k <= K`` from one set of draws."""
+    ``floor(K / k)`` disjoint groups of ``k`` draws: every ``k <= K`` from one set of draws
+    (the :func:`miwae_bound` of the first ``k floor(K / k)`` draws)."""
     groups = log_weights.shape[0] // k
     if k < 1 or groups < 1:
         raise ValueError(f"IWAE with k={k} needs 1 <= k <= {log_weights.shape[0]} draws per point")
-    grouped = log_weights[:groups * k].reshape(groups, k, *log_weights.shape[1:])
-    return iwae_bound(grouped, dim=1).mean(0)
+    return miwae_bound(log_weights[:groups * k], groups)
 
 
 def posterior_gap(log_evidence: torch.Tensor, elbo: torch.Tensor) -> torch.Tensor:

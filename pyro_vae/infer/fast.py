@@ -289,10 +289,11 @@ def _close_in_norm(got: torch.Tensor, expected: torch.Tensor, rtol: float, atol:
 
 def check_loss_fn(loss_fn: LossFn, elbo: ELBO, model: Callable, guide: Callable, args: tuple,
                   latent_scales: tuple[float, ...] = PROBE_LATENT_SCALES, rtol: float = 1e-4,
-                  atol: float = 1e-4) -> None:
+                  atol: float = 1e-4, gradients: bool = True) -> None:
     """Raise :class:`LossMismatch` unless ``loss_fn(model, guide, *args)`` gives the Pyro
     estimator's loss and gradients from the same RNG state, at each latent scale
-    (:class:`UnsupportedProgram` propagates).
+    (:class:`UnsupportedProgram` propagates).  With ``gradients=False`` only the losses are
+    compared (both are still differentiated, so a backward pass that fails shows here).
 
     Leaves no trace: the random state and the owning module's buffers are put back,
     and gradients come from ``autograd.grad``, never accumulated in ``.grad``.
@@ -314,7 +315,7 @@ def check_loss_fn(loss_fn: LossFn, elbo: ELBO, model: Callable, guide: Callable,
             if not torch.allclose(got, expected, rtol=rtol, atol=atol):
                 raise LossMismatch(f"{name} gives {float(got):.6g} but {type(elbo).__name__} gives "
                                    f"{float(expected):.6g} at latent scale {scale}")
-            for p, g, e in zip(params, got_grads, expected_grads):
+            for p, g, e in zip(params, got_grads, expected_grads) if gradients else ():
                 if (g is None) != (e is None) or (g is not None and not _close_in_norm(g, e, rtol, atol)):
                     raise LossMismatch(f"{name}: the gradient of a parameter of shape {tuple(p.shape)} "
                                        f"differs from {type(elbo).__name__}'s at latent scale {scale}")
@@ -363,7 +364,13 @@ def make_loss_fn(elbo: ELBO, model: Callable, guide: Callable, probe_args: tuple
     """The training loss ``loss_fn(model, guide, *args)`` (sum over the batch, like
     ``differentiable_loss``) for ``elbo`` on this program.
 
-    Tries, in order: (a) :class:`~pyro_vae.infer.direct.DirectLoss` when ``model``/``guide``
+    An estimator with a gradient of its own
+    (:class:`~pyro_vae.infer.estimators.WeightedEstimator`: ``stl``, ``iwae-dreg``,
+    ``miwae``, ``ciwae``, ``piwae``) is its own reference: its ``differentiable_loss`` is
+    returned, after one check on the probe that its value equals the same bound of Pyro's
+    traces (and its gradients too where they are the bound's own); a program it cannot read
+    is a ``ValueError`` naming the site and the reason.  For Pyro's estimators it tries, in
+    order: (a) :class:`~pyro_vae.infer.direct.DirectLoss` when ``model``/``guide``
     are a built-in VAE's own methods (object-free parts first, then the parts'
     distributions); (b) the lean estimator of ``elbo`` (:data:`FAST_ESTIMATORS`);
     each is checked once on the first :data:`PROBE_SIZE` points of ``probe_args``
@@ -374,8 +381,17 @@ def make_loss_fn(elbo: ELBO, model: Callable, guide: Callable, probe_args: tuple
     is returned unchecked.  The check leaves no trace (random state, buffers,
     ``.grad``).
     """
-    candidates, reasons = _candidates(elbo, model, guide)
+    from pyro_vae.infer.estimators import WeightedEstimator  # it builds on this module
+
     probe = _probe(probe_args)
+    if isinstance(elbo, WeightedEstimator):
+        if probe is not None:
+            try:
+                check_loss_fn(elbo.differentiable_loss, elbo, model, guide, probe, gradients=elbo.bound_gradient)
+            except UnsupportedProgram as error:
+                raise ValueError(f"{type(elbo).__name__} cannot train this program: {error}") from None
+        return elbo.differentiable_loss
+    candidates, reasons = _candidates(elbo, model, guide)
     if probe is None and candidates:
         return candidates[0][1]
     failures = []

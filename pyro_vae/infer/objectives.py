@@ -1,17 +1,29 @@
 """Objectives chosen by name, and what ``TraceMeanField_ELBO`` computes analytically.
 
 =========  ==========================================================  ==============
-name       Pyro estimator                                              default particles
+name       estimator                                                   default particles
 =========  ==========================================================  ==============
 trace      ``Trace_ELBO``: Monte Carlo ELBO, Eq. (2)/(8)               1
 meanfield  ``TraceMeanField_ELBO``: analytic KL where registered, Eq. (6)  1
 renyi      ``RenyiELBO(alpha)``: Renyi bound (Li & Turner 2016)        5
 iwae       ``RenyiELBO(alpha=0)``: importance-weighted bound (Sec. 1.10)  5
+iwae-dreg  :class:`~pyro_vae.infer.dreg.DReG_IWAE_ELBO`: IWAE bound, doubly   5
+           reparameterized guide gradient (Tucker et al. 2018)
+stl        :class:`~pyro_vae.infer.stl.STL_ELBO`: ELBO, sticking-the-landing  1
+           guide gradient (Roeder et al. 2017)
+miwae      :class:`~pyro_vae.infer.tighter.MIWAE_ELBO`: mean of M IWAE bounds    5 per group,
+           of L draws (Rainforth et al. 2018)                          2 groups
+ciwae      :class:`~pyro_vae.infer.tighter.CIWAE_ELBO`: beta ELBO + (1 - beta)   5
+           IWAE on the same draws (Rainforth et al. 2018)
+piwae      :class:`~pyro_vae.infer.tighter.PIWAE_ELBO`: the model steps on IWAE,  5 per group,
+           the guide on MIWAE, same draws (Rainforth et al. 2018)      2 groups
 =========  ==========================================================  ==============
 
 Several particles are always vectorized (one pass with a particle plate on the
 left of the data plate).  Every loss is the *sum* over the data plate, the way
 Pyro defines it; callers divide by the batch size for nats per data point.
+For ``miwae`` and ``piwae`` the particles are the ``L`` draws of each of the
+``M`` groups, ``M L`` draws per point in all (:func:`draws_per_point`).
 """
 
 from __future__ import annotations
@@ -29,9 +41,47 @@ from pyro.util import warn_if_nan
 
 from pyro_vae.infer.bounds import renyi_bound
 
-OBJECTIVES = ("trace", "meanfield", "renyi", "iwae")
-DEFAULT_PARTICLES = {"trace": 1, "meanfield": 1, "renyi": 5, "iwae": 5}
+OBJECTIVES = ("trace", "meanfield", "renyi", "iwae", "iwae-dreg", "stl", "miwae", "ciwae", "piwae")
+#: Particles per point by objective; for ``miwae``/``piwae`` the draws ``L`` per group.
+DEFAULT_PARTICLES = {"trace": 1, "meanfield": 1, "renyi": 5, "iwae": 5, "iwae-dreg": 5, "stl": 1, "miwae": 5,
+                     "ciwae": 5, "piwae": 5}
+#: The objectives that split each point's draws into ``M`` groups of ``L``.
+GROUPED_OBJECTIVES = ("miwae", "piwae")
+#: Groups ``M`` of ``miwae``/``piwae`` when not given.
+DEFAULT_GROUPS = 2
+#: Weight of the ELBO in ``ciwae`` when not given.
+DEFAULT_CIWAE_BETA = 0.5
 MAX_PLATE_NESTING = 1  # the data plate
+
+
+def pyro_log_weights(elbo: ELBO, model, guide, *args, **kwargs) -> torch.Tensor:
+    """Per-particle log-weights ``(K, ...)`` read from Pyro's own traces, as ``RenyiELBO`` reads them.
+
+    ``log w_k = sum_model log p - sum_guide log q`` per particle, each site's
+    log-density summed over the plates not shared by all sites, from the traces
+    of ``elbo._get_traces`` (one vectorized trace pair, or ``num_particles``
+    pairs stacked); ``K`` is the first dimension.  A guide site with a
+    score-function part (not reparameterized) is refused.
+    """
+    particles = []
+    for model_trace, guide_trace in elbo._get_traces(model, guide, args, kwargs):
+        sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
+        elbo_particle = 0.0
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample":
+                elbo_particle = elbo_particle + torch_sum(site["log_prob"], sum_dims)
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample":
+                if not is_identically_zero(site["score_parts"].score_function):
+                    raise NotImplementedError(
+                        f"site {site['name']!r} is not reparameterized; "
+                        f"{type(elbo).__name__} needs reparameterized guide sites"
+                    )
+                elbo_particle = elbo_particle - torch_sum(site["log_prob"], sum_dims)
+        particles.append(elbo_particle)
+    if elbo.vectorize_particles and elbo.num_particles > 1:
+        return particles[0]
+    return torch.stack(particles)
 
 
 class DifferentiableRenyiELBO(RenyiELBO):
@@ -40,61 +90,83 @@ class DifferentiableRenyiELBO(RenyiELBO):
 
     The loss value is Pyro's, term for term:
     ``-1/(1-alpha) sum_n log (1/K) sum_k w_nk^(1-alpha)`` with
-    ``log w = log p(x, z) - log q(z | x)`` per data point.  For reparameterized
-    guide sites its gradient equals ``RenyiELBO.loss_and_grads``' surrogate
-    (self-normalized weights times the particle ELBOs); score-function sites are
-    refused, as Pyro refuses them for ``alpha != 0`` mixtures of both.
+    ``log w = log p(x, z) - log q(z | x)`` per data point (:func:`pyro_log_weights`).
+    For reparameterized guide sites its gradient equals ``RenyiELBO.loss_and_grads``'
+    surrogate (self-normalized weights times the particle ELBOs); score-function
+    sites are refused, as Pyro refuses them for ``alpha != 0`` mixtures of both.
     Unlike ``loss_and_grads`` it never calls ``.item()``, so a GPU step has no
     host sync.
     """
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        particles = []
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
-            elbo_particle = 0.0
-            for site in model_trace.nodes.values():
-                if site["type"] == "sample":
-                    elbo_particle = elbo_particle + torch_sum(site["log_prob"], sum_dims)
-            for site in guide_trace.nodes.values():
-                if site["type"] == "sample":
-                    if not is_identically_zero(site["score_parts"].score_function):
-                        raise NotImplementedError(
-                            f"site {site['name']!r} is not reparameterized; "
-                            "DifferentiableRenyiELBO needs reparameterized guide sites"
-                        )
-                    elbo_particle = elbo_particle - torch_sum(site["log_prob"], sum_dims)
-            particles.append(elbo_particle)
-        if self.vectorize_particles and self.num_particles > 1:
-            elbo_particles = particles[0]
-        else:
-            elbo_particles = torch.stack(particles)
-        loss = -renyi_bound(elbo_particles, self.alpha).sum()
+        loss = -renyi_bound(pyro_log_weights(self, model, guide, *args, **kwargs), self.alpha).sum()
         warn_if_nan(loss, "loss")
         return loss
 
 
-def make_elbo(name: str, num_particles: int | None = None, alpha: float | None = None) -> ELBO:
-    """Build the Pyro estimator called ``name`` (one of :data:`OBJECTIVES`).
+def draws_per_point(objective: str, particles: int | None = None, groups: int | None = None) -> int:
+    """Draws from the guide per data point in one step of ``objective``: ``particles``
+    (default :data:`DEFAULT_PARTICLES`), times the ``groups`` (default :data:`DEFAULT_GROUPS`)
+    of ``miwae``/``piwae``."""
+    k = DEFAULT_PARTICLES[objective] if particles is None else int(particles)
+    if objective in GROUPED_OBJECTIVES:
+        k *= DEFAULT_GROUPS if groups is None else int(groups)
+    return k
 
-    ``num_particles`` defaults per objective (:data:`DEFAULT_PARTICLES`);
-    ``alpha`` is required by ``renyi`` (any value but 1) and fixed to 0 by
-    ``iwae``.
+
+def make_elbo(name: str, num_particles: int | None = None, alpha: float | None = None,
+              groups: int | None = None, ciwae_beta: float | None = None) -> ELBO:
+    """Build the estimator called ``name`` (one of :data:`OBJECTIVES`).
+
+    ``num_particles`` defaults per objective (:data:`DEFAULT_PARTICLES`); for
+    ``miwae``/``piwae`` it is the number ``L`` of draws in each of the ``groups``
+    (``M``, default :data:`DEFAULT_GROUPS`), and the estimator draws ``M L`` per
+    point.  ``alpha`` is required by ``renyi`` (any value but 1) and fixed to 0 by
+    ``iwae`` and ``iwae-dreg``; ``ciwae_beta`` in [0, 1] weights the ELBO in ``ciwae``
+    (default :data:`DEFAULT_CIWAE_BETA`).  An option given to an objective it does
+    not apply to is refused by name.
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
     k = DEFAULT_PARTICLES[name] if num_particles is None else int(num_particles)
     if k < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    if groups is not None and name not in GROUPED_OBJECTIVES:
+        raise ValueError(f"groups applies to objectives {' and '.join(GROUPED_OBJECTIVES)} only; got groups={groups!r} "
+                         f"with objective {name!r}")
+    if ciwae_beta is not None and name != "ciwae":
+        raise ValueError(f"ciwae_beta applies to objective 'ciwae' only; got ciwae_beta={ciwae_beta!r} with "
+                         f"objective {name!r} (the beta-VAE weight is beta)")
+    if alpha is not None and name in ("stl", "miwae", "ciwae", "piwae"):
+        raise ValueError(f"alpha applies to objective 'renyi' only; got alpha={alpha!r} with objective {name!r}")
+    if name in GROUPED_OBJECTIVES:
+        m = DEFAULT_GROUPS if groups is None else int(groups)
+        if m < 1:
+            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        k = m * k
     common = dict(num_particles=k, max_plate_nesting=MAX_PLATE_NESTING, vectorize_particles=k > 1)
     if name == "trace":
         return Trace_ELBO(**common)
     if name == "meanfield":
         return TraceMeanField_ELBO(**common)
-    if name == "iwae":
+    if name in ("iwae", "iwae-dreg"):
         if alpha not in (None, 0, 0.0):
-            raise ValueError(f"iwae is RenyiELBO with alpha=0; got alpha={alpha!r} (use --objective renyi)")
+            raise ValueError(f"{name} is the IWAE bound, alpha=0; got alpha={alpha!r} (use --objective renyi)")
+        if name == "iwae-dreg":
+            from pyro_vae.infer.dreg import DReG_IWAE_ELBO
+
+            return DReG_IWAE_ELBO(**common)
         return DifferentiableRenyiELBO(alpha=0.0, **common)
+    if name == "stl":
+        from pyro_vae.infer.stl import STL_ELBO
+
+        return STL_ELBO(**common)
+    if name in ("miwae", "ciwae", "piwae"):
+        from pyro_vae.infer.tighter import CIWAE_ELBO, MIWAE_ELBO, PIWAE_ELBO
+
+        if name == "ciwae":
+            return CIWAE_ELBO(beta=DEFAULT_CIWAE_BETA if ciwae_beta is None else ciwae_beta, **common)
+        return (MIWAE_ELBO if name == "miwae" else PIWAE_ELBO)(groups=m, **common)
     if alpha is None:
         raise ValueError("objective 'renyi' needs alpha (any real number except 1), e.g. --alpha 0.5")
     if alpha == 1:

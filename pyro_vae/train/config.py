@@ -24,6 +24,7 @@ from typing import Any
 
 import tomllib
 
+from pyro_vae.infer.objectives import GROUPED_OBJECTIVES
 from pyro_vae.models.config import ModelConfig
 
 #: Seeds go to torch and numpy; numpy takes 32-bit seeds.
@@ -46,6 +47,8 @@ class TrainConfig:
     objective: str = "trace"
     particles: int | None = None
     alpha: float | None = None
+    groups: int | None = None  # miwae/piwae: M groups of `particles` draws (None: DEFAULT_GROUPS)
+    ciwae_beta: float | None = None  # ciwae: weight of the ELBO, in [0, 1] (None: DEFAULT_CIWAE_BETA)
     beta: float = 1.0
     warmup_epochs: float = 0.0
     # optimisation
@@ -132,12 +135,29 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         check_device_name(self.device)
+        self._check_objective_options()
         if not self.data:
             raise ValueError("data must name a data set or a .npy/.npz file, got an empty string")
         for name in ("run_dir", "data_dir", "program"):  # None means the default; "" would silently mean it too
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must not be empty; leave it out for the default")
         self.model.validate()
+
+    def _check_objective_options(self) -> None:
+        """``groups`` (miwae/piwae) and ``ciwae_beta`` (ciwae): in range, and refused by name for
+        the objectives they do not apply to."""
+        if self.groups is not None:
+            if self.objective not in GROUPED_OBJECTIVES:
+                raise ValueError(f"groups applies to objectives {' and '.join(GROUPED_OBJECTIVES)} only; got "
+                                 f"groups={self.groups!r} with objective {self.objective!r}")
+            if self.groups < 1:
+                raise ValueError(f"groups must be a positive integer, got {self.groups!r}")
+        if self.ciwae_beta is not None:
+            if self.objective != "ciwae":
+                raise ValueError(f"ciwae_beta applies to objective 'ciwae' only; got ciwae_beta={self.ciwae_beta!r} "
+                                 f"with objective {self.objective!r} (the beta-VAE weight is beta)")
+            if not 0.0 <= self.ciwae_beta <= 1.0:
+                raise ValueError(f"ciwae_beta must be a number in [0, 1], got {self.ciwae_beta!r}")
 
     def refused_on_resume(self, saved: "TrainConfig") -> list[str]:
         """The options that differ from the checkpoint's ``saved`` config but may not change on

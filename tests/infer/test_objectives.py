@@ -23,6 +23,11 @@ OBJECTIVE_ARGS = {
     "meanfield": dict(num_particles=1),
     "renyi": dict(num_particles=5, alpha=0.5),
     "iwae": dict(num_particles=5),
+    "iwae-dreg": dict(num_particles=5),
+    "stl": dict(num_particles=1),
+    "miwae": dict(num_particles=3, groups=2),
+    "ciwae": dict(num_particles=5, ciwae_beta=0.5),
+    "piwae": dict(num_particles=3, groups=2),
 }
 
 
@@ -179,8 +184,9 @@ def test_make_elbo_rejects_bad_names_and_arguments():
 def test_objectives_vectorize_several_particles():
     for name in OBJECTIVES:
         elbo = make_elbo(name, num_particles=3, alpha=0.5 if name == "renyi" else None)
-        # Pyro adds the particle plate to the data plate: nesting 1 + 1
-        assert elbo.vectorize_particles and elbo.num_particles == 3 and elbo.max_plate_nesting == 2
+        # Pyro adds the particle plate to the data plate: nesting 1 + 1; miwae/piwae draw M groups of 3
+        draws = 3 * getattr(elbo, "groups", 1)
+        assert elbo.vectorize_particles and elbo.num_particles == draws and elbo.max_plate_nesting == 2
 
 
 def test_monte_carlo_fallback_is_reported_and_warned():
