@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.infer.fast import make_loss_fn, make_optimizer
-from pyro_vae.infer.objectives import (DEFAULT_PARTICLES, analytic_kl_sites, make_elbo,
+from pyro_vae.infer.objectives import (analytic_kl_sites, draws_per_point, make_elbo,
                                        warn_about_monte_carlo_kl)
 from pyro_vae.infer.scale import latent_scale
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -309,7 +309,8 @@ class Trainer:
         self.y_train = self.dataset.train_labels.to(self.device) if labels else None
         self.y_valid = self.dataset.valid_labels.to(self.device) if labels else None
         probe = batch_args(self.x_train[:2], None if self.y_train is None else self.y_train[:2])
-        self.elbo = make_elbo(config.objective, config.particles, config.alpha)
+        self.elbo = make_elbo(config.objective, config.particles, config.alpha, groups=config.groups,
+                              ciwae_beta=config.ciwae_beta)
         self.valid_elbo = make_elbo("trace")
         self.steps_per_epoch = math.ceil(self.x_train.shape[0] / config.batch_size)
         try:
@@ -342,7 +343,8 @@ class Trainer:
 
     @property
     def particles(self) -> int:
-        return DEFAULT_PARTICLES[self.config.objective] if self.config.particles is None else self.config.particles
+        """Draws per data point of one step (``groups`` x ``particles`` for miwae/piwae)."""
+        return draws_per_point(self.config.objective, self.config.particles, self.config.groups)
 
     def _check_memory(self, built_in: bool) -> None:
         """Refuse a model or a step that cannot fit, before allocating it."""
