@@ -6,6 +6,10 @@ of one page whatever ``N`` is; one page is ``samples.png``, more are
 ``samples-0001.png``, ...  Each picture is written to a temporary file and
 renamed, so a reader never sees half a picture.  The output folder is checked
 before anything is computed (:func:`check_writable`).
+
+The reconstructed test inputs are a fixed, varied selection
+(:func:`reconstruction_indices`), not the first ones: test files are often
+ordered (the static binarized MNIST test file starts with zeros).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pyro_vae.train.runs import Run, load_run
 
 PAGE_ROWS = 10
 PAGE_COLS = 10
+#: Test inputs shown in ``reconstructions.png``.
+NUM_RECONSTRUCTIONS = 50
 #: A generous size of one page of samples, to check the free disk space before drawing.
 PAGE_BYTES = 200_000
 
@@ -81,6 +87,40 @@ def write_run_pictures(run_dir: str | Path, out_dir: str | Path | None = None, n
         return draw_run_pictures(run, data, out, num, seed)
 
 
+def reconstruction_indices(num_test: int, labels: torch.Tensor | None = None,
+                           num: int = NUM_RECONSTRUCTIONS) -> torch.Tensor:
+    """Indices of the ``num`` test inputs to reconstruct: the same on every call, spread over the
+    whole test set.
+
+    With ``labels``, every class gets ``num // classes`` inputs (at least one; fewer when a class
+    has fewer), taken evenly spaced among that class's inputs, in the order first pick of each
+    class, second pick of each class, ... so that a row of the picture shows one input per class.
+    Without labels, ``num`` evenly spaced indices over the test set.  All inputs when there are
+    at most ``num``.
+    """
+    if num_test <= num:
+        return torch.arange(num_test)
+    if labels is None:
+        return _spread(torch.arange(num_test), num)
+    labels = labels.detach().cpu()[:num_test]
+    classes = torch.unique(labels)
+    per_class = max(1, num // len(classes))
+    picks = []
+    for c in classes.tolist():
+        where = torch.nonzero(labels == c).flatten()
+        picks.append(_spread(where, per_class))
+    order = [p[i] for i in range(per_class) for p in picks if i < len(p)]
+    return torch.stack(order[:num])
+
+
+def _spread(indices: torch.Tensor, num: int) -> torch.Tensor:
+    """``num`` of ``indices`` evenly spaced, the ends left out (all of them if there are at most ``num``)."""
+    if len(indices) <= num:
+        return indices
+    positions = torch.linspace(0, len(indices) - 1, num + 2, dtype=torch.float64)[1:-1].round().long()
+    return indices[positions]
+
+
 def _pages(labels: list[int | None], per_row: int) -> list[tuple[list[int | None], int]]:
     """Split rows (one label each, ``per_row`` samples per row) into pages of at most
     PAGE_ROWS x PAGE_COLS: ``(row labels, columns)`` per page."""
@@ -129,9 +169,9 @@ def draw_run_pictures(run: Run, data, out: Path, num: int = 100, seed: int = 0) 
             row_labels = [str(c) for c in labels]
         paths.append(_atomic_picture(out / name, lambda p: save_image_grid(
             samples, p, shape, ncols=cols, title=title, row_labels=row_labels)))
-    n = min(50, data.test.shape[0])
-    x = data.test[:n].to(dev)
-    y = data.test_labels[:n].to(dev) if run.config.model.conditional else None
+    idx = reconstruction_indices(data.test.shape[0], data.test_labels)
+    x = data.test[idx].to(dev)
+    y = data.test_labels[idx].to(dev) if run.config.model.conditional else None
     recon = reconstruction_means(run.program, x, y)
     paths.append(_atomic_picture(out / "reconstructions.png", lambda p: save_reconstructions(x, recon, p, shape)))
     return paths
