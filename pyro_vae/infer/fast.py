@@ -289,11 +289,14 @@ def _close_in_norm(got: torch.Tensor, expected: torch.Tensor, rtol: float, atol:
 
 def check_loss_fn(loss_fn: LossFn, elbo: ELBO, model: Callable, guide: Callable, args: tuple,
                   latent_scales: tuple[float, ...] = PROBE_LATENT_SCALES, rtol: float = 1e-4,
-                  atol: float = 1e-4, gradients: bool = True) -> None:
+                  atol: float = 1e-4, gradients: bool = True, read_first: bool = False) -> None:
     """Raise :class:`LossMismatch` unless ``loss_fn(model, guide, *args)`` gives the Pyro
     estimator's loss and gradients from the same RNG state, at each latent scale
     (:class:`UnsupportedProgram` propagates).  With ``gradients=False`` only the losses are
     compared (both are still differentiated, so a backward pass that fails shows here).
+    With ``read_first``, ``loss_fn`` first runs once without gradients, so that a program it
+    cannot read raises :class:`UnsupportedProgram`, naming the site, before the Pyro estimator
+    fails on it in its own words.
 
     Leaves no trace: the random state and the owning module's buffers are put back,
     and gradients come from ``autograd.grad``, never accumulated in ``.grad``.
@@ -305,6 +308,9 @@ def check_loss_fn(loss_fn: LossFn, elbo: ELBO, model: Callable, guide: Callable,
     start = get_rng_state()
     name = getattr(loss_fn, "__qualname__", None) or repr(loss_fn)
     try:
+        if read_first:
+            with torch.no_grad():
+                loss_fn(model, guide, *args)
         for scale in latent_scales:
             set_rng_state(start)
             with latent_scale(scale=scale):
@@ -387,7 +393,8 @@ def make_loss_fn(elbo: ELBO, model: Callable, guide: Callable, probe_args: tuple
     if isinstance(elbo, WeightedEstimator):
         if probe is not None:
             try:
-                check_loss_fn(elbo.differentiable_loss, elbo, model, guide, probe, gradients=elbo.bound_gradient)
+                check_loss_fn(elbo.differentiable_loss, elbo, model, guide, probe, gradients=elbo.bound_gradient,
+                              read_first=True)
             except UnsupportedProgram as error:
                 raise ValueError(f"{type(elbo).__name__} cannot train this program: {error}") from None
         return elbo.differentiable_loss
