@@ -13,14 +13,14 @@ from typing import Callable, Sequence
 import torch
 
 from pyro_vae import __version__
-from pyro_vae.cli import compare, evaluate, sample, train
+from pyro_vae.cli import compare, evaluate, sample, snr, train
 from pyro_vae.cli.train import config_from_args  # noqa: F401  (the flags -> TrainConfig step, for tests)
 from pyro_vae.data import DataError
 from pyro_vae.models.decoders import DataDomainError
 from pyro_vae.train.checkpoint import CheckpointError
 from pyro_vae.train.trainer import Stopped, TrainingDiverged
 
-COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "sample": sample}
+COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "sample": sample, "snr": snr}
 USER_ERRORS = (ValueError, CheckpointError, DataError, DataDomainError, TrainingDiverged, FileNotFoundError)
 
 
