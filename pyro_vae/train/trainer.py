@@ -25,6 +25,12 @@ much; resuming truncates ``metrics.jsonl`` to the checkpoint and removes the
 temporary files a killed save left.  A resumed run may change only
 :data:`~pyro_vae.train.config.RESUMABLE` options, and its data must be the data
 it was trained on (:func:`~pyro_vae.train.integrity.data_fingerprint`).
+
+Launched as several processes (``torchrun``), the run is data-parallel
+(:mod:`pyro_vae.train.distributed`, docs/distributed.md): every rank scores its
+slice of each global batch, the gradients are summed over ranks before each
+step, and rank 0 alone writes the run directory.  One process runs no
+collective at all.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,7 @@ from pyro_vae.infer.objectives import (analytic_kl_sites, draws_per_point, make_
 from pyro_vae.infer.scale import latent_scale
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyro_vae.train.config import RESUMABLE, TrainConfig, check_device_name
+from pyro_vae.train.distributed import WorldSizeChangedWarning, join, rank_seed, shard_bounds
 from pyro_vae.train.integrity import check_data_fingerprint, data_fingerprint
 from pyro_vae.train.memory import check_fits, check_num_classes
 from pyro_vae.train.program import (Program, as_program, build_program, check_program_data, program_parameters,
@@ -137,11 +145,20 @@ def _rng_state(data_gen: torch.Generator) -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator | None) -> None:
     torch.set_rng_state(state["torch"])
-    data_gen.set_state(state["data"])
+    if data_gen is not None:
+        data_gen.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sampling_rng_state(step: int) -> dict[str, Any]:
+    """This process's own generators (not the shared data generator), tagged with the step."""
+    state: dict[str, Any] = {"step": step, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 class _StopFlag:
@@ -227,7 +244,9 @@ class Trainer:
     ``(model, guide)`` pair, an object with ``model``/``guide``); without it the
     program is built from ``config`` (``config.program`` or ``config.model``).
     The run directory is locked from construction until :meth:`fit` returns (or
-    until :meth:`close`, with ``keep_lock=True``).
+    until :meth:`close`, with ``keep_lock=True``).  In a distributed run (a
+    ``torchrun`` launch, or a process group initialized by the caller) every
+    process builds a Trainer; rank 0 makes and locks the run directory.
     """
 
     def __init__(self, config: TrainConfig, program: Any = None, dataset: Dataset | None = None,
@@ -237,7 +256,28 @@ class Trainer:
         self.resume = resume
         self.keep_lock = keep_lock
         self.lock: RunLock | None = None
-        self.device = resolve_device(config.device)
+        self._closed = False
+        self.world = join(resolve_device(config.device), config.device)
+        self.device = self.world.device
+        self.run_dir, created = self.world.share(self._claim_run_dir)
+        created = created and self.world.is_main
+        try:
+            self._setup(program, dataset)
+        except BaseException:
+            self.close()
+            if created:  # leave no empty directory behind a run that never started
+                for leftover in (self.run_dir / ".lock",):
+                    leftover.unlink(missing_ok=True)
+                try:
+                    self.run_dir.rmdir()
+                except OSError:
+                    pass
+            raise
+
+    def _claim_run_dir(self) -> tuple[Path, bool]:
+        """The run directory, made (a default one gets a unique name) and locked; and whether it
+        was made here.  Rank 0's work in a distributed run."""
+        config, resume = self.config, self.resume
         created = False
         if config.run_dir:
             self.run_dir = Path(config.run_dir)
@@ -259,30 +299,13 @@ class Trainer:
         except OSError as e:
             raise RunDirError(f"cannot create or lock run directory {self.run_dir}: {e.strerror or e}; choose "
                               "another --run-dir") from None
-        try:
-            self._setup(program, dataset)
-        except BaseException:
-            self.close()
-            if created:  # leave no empty directory behind a run that never started
-                for leftover in (self.run_dir / ".lock",):
-                    leftover.unlink(missing_ok=True)
-                try:
-                    self.run_dir.rmdir()
-                except OSError:
-                    pass
-            raise
+        return self.run_dir, created
 
     def _setup(self, program: Any, dataset: Dataset | None) -> None:
         config = self.config
-        self.state: dict[str, Any] | None = None
-        if self.resume:
-            if not (self.run_dir / CHECKPOINT).is_file():
-                raise CheckpointError(f"cannot resume: no {CHECKPOINT} in {self.run_dir}")
-            self.state = load_checkpoint(self.run_dir / CHECKPOINT, map_location="cpu")
+        self.state: dict[str, Any] | None = self.world.share(self._read_checkpoint)
+        if self.state is not None:
             self._check_resumable(self.state, program)
-        elif (self.run_dir / CHECKPOINT).exists():
-            raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it "
-                             "or choose another --run-dir")
         self.dataset = dataset if dataset is not None else load_dataset(config.data, config.data_dir)
         self.data_fingerprint = data_fingerprint(self.dataset)
         if self.state is not None:
@@ -308,6 +331,12 @@ class Trainer:
             check_program_data(self.program, x, f"{self.dataset.name} {what}")
         self.y_train = self.dataset.train_labels.to(self.device) if labels else None
         self.y_valid = self.dataset.valid_labels.to(self.device) if labels else None
+        self.num_valid = self.x_valid.shape[0]
+        if self.world.distributed:
+            self._check_shardable()
+            lo, hi = shard_bounds(self.num_valid, self.world.rank, self.world.size)
+            self.x_valid = self.x_valid[lo:hi]  # each rank validates its shard; the bounds are reduced
+            self.y_valid = None if self.y_valid is None else self.y_valid[lo:hi]
         probe = batch_args(self.x_train[:2], None if self.y_train is None else self.y_train[:2])
         self.elbo = make_elbo(config.objective, config.particles, config.alpha, groups=config.groups,
                               ciwae_beta=config.ciwae_beta)
@@ -331,6 +360,31 @@ class Trainer:
         self._saved: tuple[int, int] | None = None  # (epoch, batch) of the newest checkpoint on disk
         if self.state is not None:
             self._saved = (self.state["epoch"], self.state["batch"])
+        if self.world.rank > 0:  # rank 0 keeps the config's seed, so one process draws what it always drew
+            torch.manual_seed(rank_seed(config.seed, self.world.rank))
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from (``None`` for a new run), refusing to overwrite a run."""
+        if self.resume:
+            if not (self.run_dir / CHECKPOINT).is_file():
+                raise CheckpointError(f"cannot resume: no {CHECKPOINT} in {self.run_dir}")
+            return load_checkpoint(self.run_dir / CHECKPOINT, map_location="cpu")
+        if (self.run_dir / CHECKPOINT).exists():
+            raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it "
+                             "or choose another --run-dir")
+        return None
+
+    def _check_shardable(self) -> None:
+        """Every rank needs a share of each global batch and of the validation set."""
+        world = self.world.size
+        if self.config.batch_size < world:
+            raise ValueError(f"--batch-size {self.config.batch_size} is smaller than the {world} processes of this "
+                             "run; --batch-size is the global batch, split across them: use at least "
+                             f"--batch-size {world}, or fewer processes")
+        for split, n in (("training", self.x_train.shape[0]), ("validation", self.num_valid)):
+            if n < world:
+                raise ValueError(f"the {split} set of {self.dataset.name} has {n} points, fewer than the {world} "
+                                 "processes of this run; use fewer processes")
 
     def _explain_first_run(self, error: BaseException) -> None:
         """When the program cannot even run on the data and the data explain why, say so."""
@@ -367,6 +421,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory's lock (idempotent)."""
+        self._closed = True
         if self.lock is not None:
             self.lock.release()
 
@@ -393,16 +448,32 @@ class Trainer:
             "epoch": epoch, "batch": batch, "step": step,
             "epoch_start_data_rng": epoch_start_rng,
             "rng": _rng_state(self.data_gen),
+            "world_size": self.world.size,
             "best": best, "bad_epochs": bad_epochs, "epoch_loss": epoch_loss,
             "stopped_early": stopped_early,
             "analytic_kl": self.analytic_kl,
         }
 
-    def _save(self, path: Path, *args: Any, **kwargs: Any) -> None:
-        state = self._state(*args, **kwargs)
-        save_checkpoint(state, path)
+    def _save(self, path: Path, epoch: int, batch: int, step: int, *args: Any, **kwargs: Any) -> None:
+        if self.world.distributed:
+            # Every rank's own generators, gathered at this step, go into rank 0's checkpoint; a rank
+            # that died makes the gather fail, and nothing is written.
+            ranks = self.world.gather_objects(_sampling_rng_state(step))
+            self.world.share(lambda: self._write_checkpoint(path, ranks, epoch, batch, step, *args, **kwargs))
+        else:
+            save_checkpoint(self._state(epoch, batch, step, *args, **kwargs), path)
         if path.name == CHECKPOINT:
-            self._saved = (state["epoch"], state["batch"])
+            self._saved = (epoch, batch)
+
+    def _write_checkpoint(self, path: Path, ranks: list[dict[str, Any]] | None, *args: Any, **kwargs: Any) -> None:
+        """Rank 0: write the checkpoint with every rank's generators, all of the same step."""
+        state = self._state(*args, **kwargs)
+        steps = sorted({r["step"] for r in ranks})
+        if steps != [state["step"]]:
+            raise RuntimeError(f"the ranks are at steps {steps}, not all at step {state['step']}; no checkpoint "
+                               "was written")
+        state["rank_rng"] = [{k: v for k, v in r.items() if k != "step"} for r in ranks]
+        save_checkpoint(state, path)
 
     def _epoch_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This epoch's permutation and (dynamically binarized) inputs, drawn from the data RNG."""
@@ -414,6 +485,8 @@ class Trainer:
         return perm, x
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
+        if not self.world.is_main:
+            return
         with (self.run_dir / METRICS).open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -433,15 +506,19 @@ class Trainer:
         write_atomic(path, "".join(rows[e] + "\n" for e in sorted(rows)))
 
     def _status(self, state: str, epoch: int, **extra: Any) -> None:
+        if not self.world.is_main:
+            return
         write_status(self.run_dir, state, epoch=epoch, epochs=self.config.epochs, **extra)
 
     # -- loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train to ``config.epochs`` (or until early stopping, a stop signal or divergence)."""
-        if self.lock is None or not self.lock.held:
+        if self._closed or (self.world.is_main and (self.lock is None or not self.lock.held)):
             raise RuntimeError("this Trainer was closed; build a new one to train again")
         try:
-            return self._fit()
+            result = self._fit()
+            self.world.finished()
+            return result
         except TrainingDiverged:
             self._status("diverged", self._saved[0] if self._saved else 0)
             raise
@@ -458,9 +535,8 @@ class Trainer:
                 self.close()
 
     def _fit(self) -> TrainResult:
-        cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.run_dir)
+        cfg, world = self.config, self.world
+        world.share(self._open_run_dir)
         result = TrainResult(self.run_dir, self.program, self.dataset)
         start_epoch, start_batch, step = 0, 0, 0
         best, bad_epochs, resumed_loss = math.inf, 0, 0.0
@@ -480,15 +556,20 @@ class Trainer:
             epoch_start_rng = state["epoch_start_data_rng"]
             _set_rng_state({k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()},
                            self.data_gen)
-            self._truncate_metrics(start_epoch)
+            if world.distributed or state.get("world_size", 1) != 1:
+                self._restore_rank_rng(state)
+            world.share(lambda: self._truncate_metrics(start_epoch))
             self.state = None  # free it
         else:
-            write_atomic(self.run_dir / METRICS, "")
-        write_atomic(self.run_dir / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+            world.share(lambda: write_atomic(self.run_dir / METRICS, ""))
+        world.share(lambda: write_atomic(self.run_dir / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n"))
+        if world.distributed:  # one set of parameters: rank 0's
+            world.broadcast_tensors(list(self.params.values()) + self._module_buffers())
         self._status("training", start_epoch)
         n, bsz = self.x_train.shape[0], cfg.batch_size
         batches = math.ceil(n / bsz)
         steps_per_epoch = self.steps_per_epoch
+        params = list(self.params.values())
         last_save = time.monotonic()
         with _StopFlag() as stop:
             for epoch in range(start_epoch, cfg.epochs):
@@ -505,42 +586,64 @@ class Trainer:
                 epoch_loss = resumed_loss
                 t0 = time.perf_counter()
                 bar = tqdm(range(start_batch, batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           disable=not cfg.progress, leave=False, dynamic_ncols=True)
+                           disable=not (cfg.progress and world.is_main), leave=False, dynamic_ncols=True)
                 self.program.train()
                 for b in bar:
                     idx = perm[b * bsz:(b + 1) * bsz]
+                    size = idx.shape[0]  # the global batch: every rank's loss is normalised by it
+                    if world.distributed:
+                        lo, hi = shard_bounds(size, world.rank, world.size)
+                        idx = idx[lo:hi]
                     xb = x_epoch[idx]
                     args = batch_args(xb, None if self.y_train is None else self.y_train[idx])
                     kl_scale = kl_scale_at(step, cfg.beta, cfg.warmup_epochs * steps_per_epoch)
                     self.program.set_progress(step, steps_per_epoch)
-                    try:
-                        with latent_scale(scale=kl_scale):
-                            loss = self.loss_fn(self.program.model, self.program.guide, *args) / xb.shape[0]
-                    except (ValueError, RuntimeError) as e:
-                        # NaN parameters from an earlier, not yet checked step make distributions
-                        # refuse their arguments: report the step that diverged, not this one.
-                        if losses:
-                            self._check_finite(torch.stack(losses), step - len(losses), epoch,
-                                               b - len(losses), cause=e)
-                        if step and not self._parameters_finite():
-                            raise self._diverged("the parameters became NaN or infinite", step, epoch, b,
-                                                 first_step=False) from e
-                        raise
+                    if xb.shape[0]:
+                        try:
+                            with latent_scale(scale=kl_scale):
+                                loss = self.loss_fn(self.program.model, self.program.guide, *args) / size
+                        except (ValueError, RuntimeError) as e:
+                            # NaN parameters from an earlier, not yet checked step make distributions
+                            # refuse their arguments: report the step that diverged, not this one.
+                            if losses:
+                                self._check_finite(torch.stack(losses), step - len(losses), epoch,
+                                                   b - len(losses), cause=e)
+                            if step and not self._parameters_finite():
+                                raise self._diverged("the parameters became NaN or infinite", step, epoch, b,
+                                                     first_step=False) from e
+                            raise
+                    else:  # this rank's share of a short last batch is empty
+                        loss = torch.zeros((), device=self.device)
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if xb.shape[0]:
+                        loss.backward()
+                    if world.distributed:
+                        world.all_reduce_gradients(params)
                     self.optimizer.step()
                     step += 1
-                    losses.append(loss.detach() * xb.shape[0])
+                    losses.append(loss.detach() * size)
                     last = b == batches - 1
-                    due = not last and self._checkpoint_due(step, last_save)
-                    if len(losses) >= LOG_EVERY or last or stop.requested or due:
+                    if not world.distributed:
+                        due = not last and self._checkpoint_due(step, last_save)
+                        stopping, signum = stop.requested, stop.signum
+                        sync = len(losses) >= LOG_EVERY or last or stopping or due
+                    else:  # the ranks agree at steps they all know: stop signals wait for the next one
+                        due = stopping = False
+                        steps_due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
+                        sync = len(losses) >= LOG_EVERY or last or (steps_due and not last)
+                    if sync:
                         chunk = torch.stack(losses)
+                        if world.distributed:
+                            chunk, agreed, due = world.agree(chunk, stop.signum if stop.requested else 0,
+                                                             self._checkpoint_due(step, last_save))
+                            due = due and not last
+                            stopping, signum = agreed != 0, agreed or None
                         self._check_finite(chunk, step - len(losses), epoch, b - len(losses) + 1)
                         epoch_loss += float(chunk.sum())
                         losses.clear()
                         done = min((b + 1) * bsz, n)
                         bar.set_postfix(loss=f"{epoch_loss / done:.3f}")
-                    if (stop.requested or due) and not last:
+                    if (stopping or due) and not last:
                         if not self._parameters_finite():
                             raise self._diverged("the parameters became NaN or infinite", step, epoch, b,
                                                  first_step=False)
@@ -548,9 +651,9 @@ class Trainer:
                                    epoch_loss)
                         last_save = time.monotonic()
                         self._status("training", epoch, batch=b + 1, step=step)
-                        if stop.requested:
+                        if stopping:
                             bar.close()
-                            return self._interrupted(result, stop, epoch, b + 1, step, batches)
+                            return self._interrupted(result, signum, epoch, b + 1, step, batches)
                 bar.close()
                 start_batch = 0
                 row = self._end_of_epoch(epoch, step, epoch_loss / n, time.perf_counter() - t0)
@@ -565,10 +668,13 @@ class Trainer:
                 self._save(self.run_dir / CHECKPOINT, epoch + 1, 0, step, None, best, bad_epochs, 0.0,
                            stopped_early=stopping)
                 last_save = time.monotonic()
-                if stop.requested and epoch + 1 < cfg.epochs:
-                    return self._interrupted(result, stop, epoch + 1, 0, step, batches)
+                signum = world.any_signal(stop.signum if stop.requested else None)
+                if (stop.requested or signum) and epoch + 1 < cfg.epochs:
+                    return self._interrupted(result, signum, epoch + 1, 0, step, batches)
                 if stopping:
-                    tqdm.write(f"early stopping: no improvement of the validation bound for {cfg.patience} epochs")
+                    if world.is_main:
+                        tqdm.write(f"early stopping: no improvement of the validation bound for {cfg.patience} "
+                                   "epochs")
                     result.stopped_early = True
                     self._status("stopped_early", epoch + 1)
                     result.position = (epoch + 1, 0, step)
@@ -578,19 +684,46 @@ class Trainer:
         result.position = (cfg.epochs, 0, step)
         return result
 
+    def _open_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.run_dir)
+
+    def _module_buffers(self) -> list[torch.Tensor]:
+        module = self.program.module
+        return [] if module is None else [b for b in module.buffers() if b.is_floating_point()]
+
+    def _restore_rank_rng(self, state: dict[str, Any]) -> None:
+        """Each rank's own generators from a checkpoint of the same world size; with another world
+        size, rank 0 continues with the checkpoint's rank 0 and the others from fresh seeds (and
+        rank 0 warns once that the continuation is not bit-for-bit)."""
+        saved, world = state.get("world_size", 1), self.world
+        if saved == world.size:
+            if world.rank > 0:
+                own = state["rank_rng"][world.rank]
+                _set_rng_state({k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in own.items()}, None)
+            return
+        if world.rank > 0:
+            torch.manual_seed(rank_seed(self.config.seed, world.rank, state["step"]))
+        if world.is_main:
+            warnings.warn(f"the checkpoint in {self.run_dir} was written by a run of {saved} process(es) and "
+                          f"continues in {world.size}: parameters, optimizer and the order of the batches carry "
+                          "over, the sampling noise of the other processes cannot, so the continuation is not "
+                          "bit-for-bit the run it would have been", WorldSizeChangedWarning, stacklevel=3)
+
     def _checkpoint_due(self, step: int, last_save: float) -> bool:
         cfg = self.config
         if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
             return True
         return bool(cfg.checkpoint_every) and time.monotonic() - last_save >= cfg.checkpoint_every
 
-    def _interrupted(self, result: TrainResult, stop: _StopFlag, epoch: int, batch: int, step: int,
+    def _interrupted(self, result: TrainResult, signum: int | None, epoch: int, batch: int, step: int,
                      batches: int) -> TrainResult:
-        result.interrupted, result.signal, result.position = True, stop.signum, (epoch, batch, step)
+        result.interrupted, result.signal, result.position = True, signum, (epoch, batch, step)
         where = f"epoch {epoch + 1}, batch {batch}/{batches}" if batch else f"the end of epoch {epoch}"
-        tqdm.write(f"saved {self.run_dir / CHECKPOINT} at {where}")
+        if self.world.is_main:
+            tqdm.write(f"saved {self.run_dir / CHECKPOINT} at {where}")
         self._status("interrupted", epoch, batch=batch, step=step,
-                     signal=signal.Signals(stop.signum).name if stop.signum else None)
+                     signal=signal.Signals(signum).name if signum else None)
         return result
 
     def _nothing_to_do(self, state: dict[str, Any]) -> str | None:
@@ -617,6 +750,10 @@ class Trainer:
             valid_bound = valid_elbo
         else:
             valid_bound = -evaluate_loss(self.elbo, self.program, self.x_valid, self.y_valid, batch_size=chunk)
+        if self.world.distributed:  # each rank scored its shard: the means over the whole validation set
+            n = self.x_valid.shape[0]
+            valid_elbo, valid_bound = (total / self.num_valid for total in self.world.sums([valid_elbo * n,
+                                                                                             valid_bound * n]))
         for name, value in (("validation ELBO", valid_elbo), (f"validation {self.config.objective} bound",
                                                                valid_bound)):
             if not math.isfinite(value):
@@ -630,7 +767,7 @@ class Trainer:
             "samples_per_s": self.x_train.shape[0] / seconds if seconds > 0 else None,
         }
         self._write_metrics(row)
-        if self.config.progress:
+        if self.config.progress and self.world.is_main:
             tqdm.write(f"epoch {epoch + 1}: train loss {train_loss:.3f}, valid ELBO {valid_elbo:.3f}"
                        + ("" if valid_bound == valid_elbo else f", valid {self.config.objective} {valid_bound:.3f}")
                        + f" nats ({seconds:.1f} s)")
@@ -649,7 +786,7 @@ class Trainer:
     def _diverged(self, what: str, step: int, epoch: int, batch: int | None, first_step: bool) -> TrainingDiverged:
         """A :class:`TrainingDiverged` naming what went wrong, its likely causes, and the checkpoint kept."""
         causes = self._likely_causes(first_step)
-        if self._saved is not None and (self.run_dir / CHECKPOINT).is_file():
+        if self._saved is not None and (not self.world.is_main or (self.run_dir / CHECKPOINT).is_file()):
             e, b = self._saved
             where = f"epoch {e + 1}, batch {b}" if b else f"the end of epoch {e}"
             kept = f"The last good checkpoint ({where}) is kept in {self.run_dir / CHECKPOINT}."
