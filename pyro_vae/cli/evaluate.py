@@ -5,7 +5,8 @@ bound beside it (:mod:`pyro_vae.evaluation.evaluator`), latent and guide diagnos
 (:mod:`pyro_vae.evaluation.diagnostics`), pictures (:mod:`pyro_vae.evaluation.plots`),
 optionally exports posterior draws for ArviZ, and writes ``evaluation.json``
 and ``evaluation.md`` into the run (:mod:`pyro_vae.evaluation.report`); the work is
-:func:`pyro_vae.evaluation.run.evaluate`.
+:func:`pyro_vae.evaluation.run.evaluate`.  Under ``torchrun`` the processes share
+out the test set and rank 0 writes and prints the report.
 """
 
 from __future__ import annotations
@@ -54,12 +55,15 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pyro_vae.evaluation.run import evaluate, report_json
+    from pyro_vae.train.distributed import current_rank
 
     report = evaluate(args.run_dir, args.particles, num_points=args.num_points, iwae_ks=args.iwae_k,
                       alphas=args.alphas, max_memory_mb=args.max_memory, seed=args.seed, plots_=args.plots,
                       export_indices=args.export_posterior, posterior_samples=args.posterior_samples,
                       data_dir=args.data_dir, device=args.device, progress=args.progress,
                       allow_changed_data=args.allow_changed_data, out_dir=args.out)
+    if current_rank() != 0:  # another rank of a distributed evaluation: rank 0 writes and reports
+        return 0
     print_summary(report)
     for path in report["report_files"]:
         print(f"wrote {path}")

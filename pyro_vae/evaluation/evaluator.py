@@ -25,6 +25,13 @@ Pyro traces, so any prior/guide/decoder works).  From the same ``(K,)`` draws:
 * latent diagnostics and PSIS k-hat (:mod:`pyro_vae.evaluation.diagnostics`).
 
 Every figure is reported as a mean over points with its standard error.
+
+The draws of every point depend only on a base seed (``EvaluationOptions.seed``,
+else one drawn from torch's generator, so ``pyro.set_rng_seed`` fixes it), the
+point's index and the chunk plan, and the per-point figures are computed block
+by block: a distributed evaluation (each rank takes whole blocks of points, the
+per-point results are gathered) gives the numbers of one process with the
+same plan.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from pyro_vae.evaluation.importance import (
     plan_chunks,
     program_device,
 )
+from pyro_vae.train.distributed import World, mix_seed, shard_bounds
 from pyro_vae.infer.bounds import (
     elbo_bound,
     grouped_iwae_bound,
@@ -58,6 +66,8 @@ from pyro_vae.train.trainer import batch_args
 DEFAULT_PARTICLES = 5000
 DEFAULT_IWAE_KS = (1, 5, 50, 5000)
 DEFAULT_RENYI_ALPHAS = (0.5, 2.0)
+#: The stream of the latent diagnostics' draws (a particle index no trace has).
+LATENT_STREAM = -1
 
 
 @dataclass
@@ -126,6 +136,9 @@ class EvaluationOptions:
     max_memory_mb: float = DEFAULT_MAX_MEMORY_MB
     khat: bool = True
     progress: bool = False
+    #: The base seed of every trace's draws (see the module docstring); None: one drawn from torch's
+    #: generator (rank 0's in a distributed evaluation).
+    seed: int | None = None
 
     def validate(self) -> None:
         if not isinstance(self.num_particles, int) or self.num_particles < 1:
@@ -137,6 +150,8 @@ class EvaluationOptions:
             raise ValueError("Renyi alpha=1 is the ELBO (already reported); choose alphas other than 1")
         if not self.max_memory_mb > 0:
             raise ValueError(f"max_memory_mb must be positive, got {self.max_memory_mb!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
 
 
 @dataclass
@@ -205,7 +220,7 @@ class EvaluationResult:
 
 @torch.no_grad()
 def evaluate_test_set(program: Any, x: torch.Tensor, y: torch.Tensor | None = None,
-                      options: EvaluationOptions | None = None) -> EvaluationResult:
+                      options: EvaluationOptions | None = None, world: World | None = None) -> EvaluationResult:
     """Bounds, latent diagnostics and k-hat over ``x`` with one pass of ``K`` draws per point.
 
     ``program`` is any model/guide pair (:func:`~pyro_vae.train.program.as_program`);
@@ -215,9 +230,17 @@ def evaluate_test_set(program: Any, x: torch.Tensor, y: torch.Tensor | None = No
     :func:`pyro_vae.evaluation.importance.plan_chunks`); per-point results are kept
     (``N`` floats per figure) for standard errors, and k-hat is computed group
     by group, so the full ``(K, N)`` weight matrix never exists.
+
+    With a distributed ``world`` (:mod:`pyro_vae.train.distributed`) every rank
+    passes the whole ``x``, evaluates its share of the blocks of the plan, and
+    gets the result over all of ``x``.
     """
     options = options or EvaluationOptions()
     options.validate()
+    world = world or World()
+    seed = options.seed
+    if seed is None:
+        seed = world.broadcast_object(int(torch.randint(2**62, ())))
     K = options.num_particles
     want_khat = options.khat and K >= diagnostics.MIN_KHAT_PARTICLES
     khat_note = None if want_khat else (
@@ -228,28 +251,52 @@ def evaluate_test_set(program: Any, x: torch.Tensor, y: torch.Tensor | None = No
     device = program_device(program, *probe)
     plan = plan_chunks(program, x.shape[0], K, x.shape[-1], options.max_memory_mb, x.dtype,
                        tuple(a.to(device) for a in probe), device)
+    lo, hi = 0, x.shape[0]
+    if world.distributed:
+        plan = world.broadcast_object(plan)  # every rank cuts the work as rank 0 does
+        blocks = math.ceil(x.shape[0] / plan.block)
+        first, stop = shard_bounds(blocks, world.rank, world.size)
+        lo, hi = first * plan.block, min(stop * plan.block, x.shape[0])
     collected: dict[str, list[torch.Tensor]] = {}
     khats: list[np.ndarray] = []
     latent = diagnostics.SiteAccumulators()
     analytic_note = None
     start = time.perf_counter()
-    for _, xg, yg, parts in iter_point_groups(program, x, y, K, plan, progress=options.progress,
-                                              desc=f"evaluating (K={K})"):
-        sites = diagnostics.latent_sites(program, xg, yg)
-        stats = bounds_from_log_weights(parts, options.iwae_ks, options.renyi_alphas)
-        if len(parts.sites) > 1:
-            for name, value in parts.sites.items():
-                stats[f"kl_site_{name}"] = -value.mean(0)
-        kl, note = diagnostics.analytic_kl(sites)
-        analytic_note = analytic_note or note
-        if kl is not None:
-            stats["kl_analytic"] = kl
-            stats["elbo_analytic"] = stats["reconstruction"] - kl
-        for name, value in stats.items():
-            collected.setdefault(name, []).append(value.detach().cpu())
-        latent.add(sites)
-        if want_khat:
-            khats.append(arviz_compat.psis_khat(parts.log_weight.T))
+    groups = iter_point_groups(program, x[lo:hi], None if y is None else y[lo:hi], K, plan,
+                               progress=options.progress and world.is_main, desc=f"evaluating (K={K})", seed=seed,
+                               offset=lo) if hi > lo else ()
+    for points, xg, yg, group_parts in groups:
+        # Block by block, on contiguous copies: a point's numbers do not depend on the width of the
+        # group it came in (vectorized reductions round by width).
+        cuts = [*range(0, xg.shape[0], plan.block), xg.shape[0]]
+        for b0, b1 in zip(cuts, cuts[1:]):
+            parts = _columns(group_parts, b0, b1)
+            stats = bounds_from_log_weights(parts, options.iwae_ks, options.renyi_alphas)
+            if len(parts.sites) > 1:
+                for name, value in parts.sites.items():
+                    stats[f"kl_site_{name}"] = -value.mean(0)
+            # The guide's draws of the diagnostics: seeded by the block's first point.
+            torch.manual_seed(mix_seed(seed, lo + points.start + b0, LATENT_STREAM))
+            sites = diagnostics.latent_sites(program, xg[b0:b1], None if yg is None else yg[b0:b1])
+            kl, note = diagnostics.analytic_kl(sites)
+            analytic_note = analytic_note or note
+            if kl is not None:
+                stats["kl_analytic"] = kl
+                stats["elbo_analytic"] = stats["reconstruction"] - kl
+            for name, value in stats.items():
+                collected.setdefault(name, []).append(value.detach().cpu())
+            latent.add(sites)
+            if want_khat:
+                khats.append(arviz_compat.psis_khat(parts.log_weight.T))
+    if world.distributed:  # every rank's share, in the order of the points
+        shares = world.all_gather_objects((collected, khats, latent, analytic_note))
+        collected, khats = {}, []
+        for share_collected, share_khats, _, share_note in shares:
+            for name, values in share_collected.items():
+                collected.setdefault(name, []).extend(values)
+            khats.extend(share_khats)
+            analytic_note = analytic_note or share_note
+        latent = _merge_latent([share[2] for share in shares])
     per_point = {name: torch.cat(v) for name, v in collected.items()
                  if not (analytic_note and name in ("kl_analytic", "elbo_analytic"))}
     return EvaluationResult(
@@ -257,6 +304,30 @@ def evaluate_test_set(program: Any, x: torch.Tensor, y: torch.Tensor | None = No
         site_guide_means=latent.guide_means(), khat=np.concatenate(khats) if khats else None, khat_note=khat_note,
         plan=plan, seconds=time.perf_counter() - start,
     )
+
+
+def _columns(parts: LogWeights, start: int, stop: int) -> LogWeights:
+    """Points ``start:stop`` of ``(K, G)`` log-weights, as contiguous ``(K, stop - start)`` copies."""
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:, start:stop].contiguous()
+    return LogWeights(cut(parts.log_weight), cut(parts.reconstruction), cut(parts.latent),
+                      {name: cut(value) for name, value in parts.sites.items()})
+
+
+def _merge_latent(shares: list[diagnostics.SiteAccumulators]) -> diagnostics.SiteAccumulators:
+    """One accumulator of the latent diagnostics from the ranks' accumulators, in rank order."""
+    merged = diagnostics.SiteAccumulators(shares[0].threshold)
+    for share in shares:
+        for name, site in share.sites.items():
+            into = merged.sites.setdefault(name, diagnostics.LatentAccumulator(name, site.threshold))
+            into.means.extend(site.means)
+            into.count += site.count
+            into.mean_method = into.mean_method or site.mean_method
+            into.event_shape = into.event_shape or site.event_shape
+            into.kl_note = into.kl_note or site.kl_note
+            if site.kl_sum is not None:
+                into.kl_sum = site.kl_sum if into.kl_sum is None else into.kl_sum + site.kl_sum
+    return merged
 
 
 def per_point_bounds(program: Any, x: torch.Tensor, y: torch.Tensor | None = None, num_particles: int = 1,

@@ -26,6 +26,13 @@ unmapped afresh on every call.  So on a CPU one trace is further capped at
 :data:`CPU_TRACE_MB` (one thread) or :data:`THREADED_CPU_TRACE_MB` (several
 threads, whose every op waits for all of them); docs/performance-evaluation.md
 has the sweeps behind the numbers.  On a GPU the budget alone sizes a trace.
+
+With a ``seed``, every trace draws from torch's generators seeded by the seed
+and the global index of its first point and particle (:func:`seed_trace`), so
+a point's draws do not depend on how the data set is cut into groups or
+shared between processes: a distributed evaluation, whose ranks take whole
+blocks of :attr:`ChunkPlan.block_points` points, gives the numbers of a single
+process with the same plan.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from pyro_vae.infer.bounds import StreamingLogMeanExp
 from pyro_vae.infer import weights
 from pyro_vae.infer.rng import preserved_rng
 from pyro_vae.infer.weights import LogWeights
+from pyro_vae.train.distributed import mix_seed
 from pyro_vae.train.program import Program, as_program, program_parameters
 from pyro_vae.train.trainer import batch_args
 
@@ -65,6 +73,9 @@ THREADED_CPU_TRACE_MB = 112.0
 #: Fewest pairs a CPU trace is cut to by :data:`CPU_TRACE_MB` (the memory budget may cut further):
 #: below this the per-trace Python cost (a Pyro trace of the program) is no longer negligible.
 MIN_CPU_TRACE_PAIRS = 256
+#: Fewest points of a block (the unit whose draws are seeded together and that a rank of a
+#: distributed evaluation takes whole), unless a group is smaller.
+MIN_BLOCK_POINTS = 64
 
 
 def program_device(program: Program, *args) -> torch.device:
@@ -98,7 +109,9 @@ class ChunkPlan:
     One Pyro trace covers ``points_per_trace x particles_per_trace`` pairs; the
     per-point results are assembled in groups of ``group_points`` points (a
     ``(K, group_points)`` buffer).  ``bytes_per_pair`` is the estimate the plan
-    was sized from.
+    was sized from.  A block of ``block_points`` points (whole traces; groups hold
+    whole blocks; 0 means one trace's points) is what the ranks of a distributed
+    evaluation share out, and the unit of the latent diagnostics' seeded draws.
     """
 
     num_points: int
@@ -108,6 +121,12 @@ class ChunkPlan:
     group_points: int
     bytes_per_pair: int
     max_memory_mb: float
+    block_points: int = 0
+
+    @property
+    def block(self) -> int:
+        """Points per block: ``block_points``, or one trace's points."""
+        return self.block_points or self.points_per_trace
 
     @property
     def num_traces(self) -> int:
@@ -117,8 +136,8 @@ class ChunkPlan:
 
     def as_dict(self) -> dict[str, float | int]:
         return {"points_per_trace": self.points_per_trace, "particles_per_trace": self.particles_per_trace,
-                "group_points": self.group_points, "bytes_per_pair": self.bytes_per_pair,
-                "max_memory_mb": self.max_memory_mb}
+                "group_points": self.group_points, "block_points": self.block,
+                "bytes_per_pair": self.bytes_per_pair, "max_memory_mb": self.max_memory_mb}
 
 
 def estimate_bytes_per_pair(program: Program, input_dim: int, dtype: torch.dtype = torch.float32,
@@ -164,7 +183,8 @@ def plan_chunks(program: Program, num_points: int, num_particles: int, input_dim
     particles of a point go into one trace when they fit (then several points
     share the trace), otherwise a point's particles are split into near-equal
     chunks.  The last quarter bounds the ``(K, G)`` arrays of a group of ``G``
-    points (at most :data:`MAX_GROUP_POINTS`, at least one trace's points).
+    points (at most :data:`MAX_GROUP_POINTS`, at least one trace's points), cut to
+    whole blocks of at least :data:`MIN_BLOCK_POINTS` points (whole traces).
     """
     if num_points < 1:
         raise ValueError(f"need at least one data point to evaluate, got {num_points}")
@@ -193,7 +213,15 @@ def plan_chunks(program: Program, num_points: int, num_particles: int, input_dim
     buffer_points = int(budget * GROUP_SHARE // (group_per_pair * num_particles))
     group = min(num_points, max(points, min(MAX_GROUP_POINTS, buffer_points)))
     group = max(points, group - group % points)  # whole traces per group
-    return ChunkPlan(num_points, num_particles, points, particles, group, per_pair, float(max_memory_mb))
+    block = min(group, points * math.ceil(MIN_BLOCK_POINTS / points))
+    group = max(block, group - group % block)  # whole blocks per group
+    return ChunkPlan(num_points, num_particles, points, particles, group, per_pair, float(max_memory_mb), block)
+
+
+def seed_trace(seed: int, point: int, particle: int) -> None:
+    """Seed torch's generators for the trace whose first point has global index ``point`` and
+    whose first particle is ``particle``."""
+    torch.manual_seed(mix_seed(seed, point, particle))
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
@@ -206,14 +234,17 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
 
 def iter_point_groups(program: Program, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
                       plan: ChunkPlan | None = None, max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
-                      progress: bool = False, desc: str = "importance sampling",
-                      ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None, LogWeights]]:
+                      progress: bool = False, desc: str = "importance sampling", seed: int | None = None,
+                      offset: int = 0) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None, LogWeights]]:
     """Yield ``(points, x_group, y_group, LogWeights)`` with ``(K, G)`` weights per group of points.
 
     Runs on the program's device (each group is moved there), without gradients,
     one Pyro trace per ``plan.points_per_trace x plan.particles_per_trace``
     block, with a progress bar over data points when ``progress`` is set; the bar
     advances as each trace's points get all their particles, not once per group.
+    With ``seed``, each trace is seeded from it and its first point's global index
+    (``offset`` is the global index of ``x[0]``, a multiple of ``plan.block``);
+    without, the traces draw on from torch's generators as they are.
     """
     program = as_program(program)
     probe = batch_args(x[:2], None if y is None else y[:2])
@@ -229,18 +260,22 @@ def iter_point_groups(program: Program, x: torch.Tensor, y: torch.Tensor | None,
             points = slice(start, min(start + plan.group_points, n))
             xg = x[points].to(device)
             yg = None if y is None else y[points].to(device)
-            parts = _group_log_weights(program, xg, yg, num_particles, plan, bar.update)
+            parts = _group_log_weights(program, xg, yg, num_particles, plan, bar.update, seed, offset + start)
             yield points, xg, yg, parts
     finally:
         bar.close()
 
 
 def _group_log_weights(program: Program, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
-                       plan: ChunkPlan, done: Callable[[int], object] = lambda points: None) -> LogWeights:
+                       plan: ChunkPlan, done: Callable[[int], object] = lambda points: None,
+                       seed: int | None = None, offset: int = 0) -> LogWeights:
     """``(K, G)`` log-weights of the group ``x``, one trace per block of the plan; ``done(n)`` is
-    called as each block of ``n`` points has all its particles."""
+    called as each block of ``n`` points has all its particles.  With ``seed``, each trace is
+    seeded by :func:`seed_trace` (``offset``: the global index of ``x[0]``)."""
     g = x.shape[0]
     if g <= plan.points_per_trace and num_particles <= plan.particles_per_trace:
+        if seed is not None:
+            seed_trace(seed, offset, 0)
         parts = log_weights(program, x, y, num_particles)
         done(g)
         return parts
@@ -252,6 +287,8 @@ def _group_log_weights(program: Program, x: torch.Tensor, y: torch.Tensor | None
         yb = None if y is None else y[p0:p1]
         for k0 in range(0, num_particles, plan.particles_per_trace):
             k1 = min(k0 + plan.particles_per_trace, num_particles)
+            if seed is not None:
+                seed_trace(seed, offset + p0, k0)
             part = log_weights(program, xb, yb, k1 - k0)
             if buffers is None:
                 buffers = [x.new_empty((num_particles, g)) for _ in range(3)]

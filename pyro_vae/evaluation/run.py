@@ -10,6 +10,13 @@ Output that cannot be written never costs the computation: the output folder
 is checked before anything is computed, the numbers are written before any
 picture, and each picture or export that fails is reported by name
 (``report["write_errors"]``) while the others are still written.
+
+Launched as several processes (``torchrun ... -m pyro_vae evaluate``), the ranks
+share out the test set (:func:`~pyro_vae.evaluation.evaluator.evaluate_test_set`
+with a distributed world), every rank gets the gathered per-point results, and
+rank 0 alone locks the run, writes the report and draws the pictures; each
+point's draws are seeded from ``seed`` and its index, so the numbers are those
+of one process with the same chunk plan.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ from pyro_vae.evaluation.evaluator import (DEFAULT_IWAE_KS, DEFAULT_PARTICLES, D
 from pyro_vae.evaluation.importance import DEFAULT_MAX_MEMORY_MB, GROUP_BYTES_PER_PAIR_FLOAT64
 from pyro_vae.evaluation.pictures import check_writable, draw_run_pictures
 from pyro_vae.evaluation.report import checkpoint_identity, jsonable, package_versions, write_report
+from pyro_vae.train.distributed import World, join
 from pyro_vae.train.memory import check_fits
 from pyro_vae.train.program import check_program_data
 from pyro_vae.train.rundir import RunLock
 from pyro_vae.train.runs import Run, load_run
+from pyro_vae.train.trainer import resolve_device
 
 DEFAULT_POSTERIOR_SAMPLES = 1000
 TRAVERSAL_DIMS = 8
@@ -68,28 +77,43 @@ def evaluate(run_dir: str | Path, particles: int = DEFAULT_PARTICLES, *, num_poi
     Data that differs from the data the run was trained on is refused unless
     ``allow_changed_data`` (then a warning).  Files that could not be written
     are listed in ``report["write_errors"]`` as ``(path, reason)``.
+
+    Under a launch of several processes every rank calls this and gets the report;
+    rank 0 alone writes it.
     """
     t_start = time.perf_counter()
     if num_points is not None and (isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1):
         raise ValueError(f"num_points must be a positive integer (or None for the whole test set), got {num_points!r}")
-    run = load_run(run_dir, device, program=program)
+    world = join(resolve_device(device), device)
+    run = load_run(run_dir, str(world.device) if world.distributed else device, program=program)
     out = Path(out_dir) if out_dir else run.run_dir
-    check_writable(out, "--out")
-    lock = RunLock(run.run_dir, "evaluating") if out.resolve() == run.run_dir.resolve() else None
-    if lock is not None:
-        lock.acquire()
+    locks: list[RunLock | None] = []  # rank 0's lock stays with rank 0
+    world.share(lambda: locks.append(_claim_output(run, out)))
+    lock = locks[0] if locks else None
     try:
-        return _evaluate(run, out, t_start, particles, num_points, iwae_ks, alphas, max_memory_mb, seed, plots_,
-                         export_indices, posterior_samples, data_dir, allow_changed_data, progress)
+        report = _evaluate(run, out, t_start, particles, num_points, iwae_ks, alphas, max_memory_mb, seed, plots_,
+                           export_indices, posterior_samples, data_dir, allow_changed_data, progress, world)
+        world.finished()
+        return report
     finally:
         if lock is not None:
             lock.release()
 
 
+def _claim_output(run: Run, out: Path) -> RunLock | None:
+    """Check that ``out`` can be written, and lock the run when the report goes into it."""
+    check_writable(out, "--out")
+    lock = RunLock(run.run_dir, "evaluating") if out.resolve() == run.run_dir.resolve() else None
+    if lock is not None:
+        lock.acquire()
+    return lock
+
+
 def _evaluate(run: Run, out: Path, t_start: float, particles: int, num_points: int | None,
               iwae_ks: Sequence[int], alphas: Sequence[float], max_memory_mb: float, seed: int, plots_: bool,
               export_indices: Sequence[int] | None, posterior_samples: int, data_dir: str | None,
-              allow_changed_data: bool, progress: bool) -> dict[str, Any]:
+              allow_changed_data: bool, progress: bool, world: World | None = None) -> dict[str, Any]:
+    world = world or World()
     data = run.load_data(data_dir, allow_changed_data)
     dev = run.device
     n_total = data.test.shape[0]
@@ -117,7 +141,7 @@ def _evaluate(run: Run, out: Path, t_start: float, particles: int, num_points: i
     pyro.set_rng_seed(seed)
     options = EvaluationOptions(num_particles=particles, iwae_ks=tuple(iwae_ks), renyi_alphas=tuple(alphas),
                                 max_memory_mb=max_memory_mb, progress=progress)
-    evaluation = evaluate_test_set(run.program, x, y, options)
+    evaluation = evaluate_test_set(run.program, x, y, options, world)
     flat = run.config.to_flat()
     report: dict[str, Any] = {
         "run_dir": str(run.run_dir),
@@ -136,6 +160,11 @@ def _evaluate(run: Run, out: Path, t_start: float, particles: int, num_points: i
         "posterior_export": None,
         "versions": package_versions(),
     }
+    if world.distributed:
+        report["processes"] = world.size
+    if not world.is_main:  # rank 0 writes the report and draws the pictures
+        report.update(seconds=time.perf_counter() - t_start, report_files=[], write_errors=[])
+        return report
     errors: list[tuple[str, str]] = []
     # The numbers are written first: a picture that cannot be drawn never costs the computation.
     report["seconds"] = time.perf_counter() - t_start
