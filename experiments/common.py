@@ -1,0 +1,269 @@
+"""What the experiment scripts share: options, cells trained and evaluated through the public API,
+and results kept as raw JSON and a markdown table.
+
+A *cell* is one training run and its evaluation: ``pyro_vae.train`` on a
+:class:`~pyro_vae.TrainConfig` (optionally in stages, each resumed with its own
+learning rate, as the schedule of Burda et al. 2016 needs), then
+``pyro_vae.evaluate`` on the test set.  Results are written after every cell
+(atomically), and a script started again with the same ``--out`` skips the
+cells it already has, so an interrupted experiment loses at most one cell;
+a cell whose training was interrupted resumes from its checkpoint.
+
+Every script takes ``--seed``, ``--device``, ``--data-dir``, ``--out`` and
+``--smoke`` (a seconds-long run on the embedded 8x8 digits, what the test
+suite runs), and shows a progress bar over its cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyro  # noqa: E402
+
+from pyro_vae import TrainConfig, evaluate, load_run, train  # noqa: E402
+from pyro_vae.train.checkpoint import CheckpointError  # noqa: E402
+
+#: Evaluation of a smoke run: few draws on few points.
+SMOKE_EVAL = {"particles": 20, "num_points": 60, "iwae_ks": (1, 5)}
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+def experiment_parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    """The options every experiment takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seed", type=int, default=0, help="seed of training and evaluation (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--data-dir", default=os.environ.get("PYRO_VAE_DATA"),
+                   help="folder with the data sets (default: $PYRO_VAE_DATA)")
+    p.add_argument("--out", type=Path, default=Path("runs") / default_out,
+                   help=f"folder for the runs, {RESULTS_JSON} and {RESULTS_MD} (default runs/{default_out}); "
+                        "started again, the script skips the cells it already has")
+    p.add_argument("--eval-particles", type=int, default=5000,
+                   help="importance samples K per test point (default 5000, as in Burda et al. 2016)")
+    p.add_argument("--eval-points", type=int, default=None,
+                   help="evaluate only the first N test points (default: all; the first MNIST test images are "
+                        "easier than the rest, so a subset is not comparable with full-test-set numbers)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run on the 8x8 digits (for tests)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+@dataclass
+class Cell:
+    """One training run and its evaluation.
+
+    ``options`` are flat :class:`~pyro_vae.TrainConfig` options (``objective``,
+    ``particles``, ``hidden``, ...).  ``stages`` are ``(epochs, lr)`` pairs: the
+    run trains to the sum of the epochs, resuming at each stage with its
+    learning rate; empty means one stage of ``options["epochs"]``.
+    """
+
+    key: str
+    options: dict[str, Any]
+    stages: list[tuple[int, float]] = field(default_factory=list)
+    labels: dict[str, Any] = field(default_factory=dict)  # columns of the table that describe the cell
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor())
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class Results:
+    """The experiment's raw results: ``results.json`` under ``out``, rewritten after every cell."""
+
+    def __init__(self, out: Path, name: str, args: argparse.Namespace) -> None:
+        self.out = out
+        self.path = out / RESULTS_JSON
+        out.mkdir(parents=True, exist_ok=True)
+        self.data: dict[str, Any] = {}
+        if self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "progress"}
+        if self.data and self.data.get("settings") != settings:
+            raise SystemExit(f"{self.path} holds results of other settings ({self.data.get('settings')}); "
+                             "use another --out, or delete it to start again")
+        self.data.setdefault("experiment", name)
+        self.data.setdefault("command", " ".join([Path(sys.executable).name, *sys.argv]))
+        self.data.setdefault("settings", settings)
+        self.data["machine"] = machine()
+        self.data.setdefault("cells", {})
+
+    @property
+    def cells(self) -> dict[str, dict[str, Any]]:
+        return self.data["cells"]
+
+    def add(self, key: str, row: dict[str, Any]) -> None:
+        self.cells[key] = row
+        self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+    def write_markdown(self, text: str) -> Path:
+        path = self.out / RESULTS_MD
+        tmp = path.with_suffix(".md.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
+
+
+def base_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options every cell shares: seed, device, data folder, no inner progress bars, no early stop."""
+    options: dict[str, Any] = {"seed": args.seed, "device": args.device, "progress": False, "patience": 0}
+    if args.data_dir:
+        options["data_dir"] = str(args.data_dir)
+    return options
+
+
+def evaluation_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.smoke:
+        return dict(SMOKE_EVAL)
+    return {"particles": args.eval_particles, "num_points": args.eval_points}
+
+
+def _train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace) -> float:
+    """Train (or finish training) ``cell`` into ``run_dir``; return the seconds spent now."""
+    options = {**base_options(args), **cell.options, "run_dir": str(run_dir)}
+    stages = cell.stages or [(int(options["epochs"]), float(options.get("lr", TrainConfig().lr)))]
+    start, done = time.perf_counter(), 0
+    for epochs, lr in stages:
+        done += epochs
+        config = TrainConfig.from_flat({**options, "epochs": done, "lr": lr})
+        resume = (run_dir / "checkpoint.pt").is_file()
+        result = train(config, resume=resume)
+        if result.interrupted:
+            raise KeyboardInterrupt(f"training of {cell.key} was interrupted; run the script again to resume it")
+    return time.perf_counter() - start
+
+
+def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
+    """Train and evaluate ``cell`` under ``args.out/runs``; the row of raw results."""
+    run_dir = args.out / "runs" / cell.key
+    train_seconds = _train_cell(cell, run_dir, args)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    eval_options = evaluation_options(args)
+    report = evaluate(run_dir, seed=args.seed, plots_=False, data_dir=args.data_dir, device=args.device,
+                      out_dir=run_dir / "evaluation", **eval_options)
+    results = report["results"]
+    epoch_seconds = [row["seconds"] for row in metrics if row.get("seconds")]
+    return {
+        **cell.labels,
+        "key": cell.key,
+        "options": cell.options,
+        "stages": cell.stages,
+        "run_dir": str(run_dir),
+        "epochs": metrics[-1]["epoch"] if metrics else 0,
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
+        "curve": [{"epoch": row["epoch"], "train_loss": row["train_loss"], "valid_elbo": row["valid_elbo"],
+                   "valid_bound": row["valid_bound"]} for row in metrics],
+        "test_points": results["num_points"],
+        "eval_particles": results["num_particles"],
+        "log_likelihood": results["log_likelihood"],
+        "elbo": results["elbo"],
+        "reconstruction": results["reconstruction"],
+        "kl": results["kl"],
+        "iwae": results["iwae"],
+        "active_units": results["active_units_total"],
+        "khat_above_0.7": results["psis"].get("fraction_above_0.7") if isinstance(results.get("psis"), dict) else None,
+        "eval_seconds": report["seconds"],
+    }
+
+
+def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
+              after: Callable[[Results], None] | None = None) -> None:
+    """Run every cell ``results`` lacks, saving after each; ``after(results)`` redraws the tables."""
+    todo = [cell for cell in cells if cell.key not in results.cells]
+    keys = [cell.key for cell in cells]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"cell keys must be unique, got {keys}")
+    bar = tqdm(todo, desc=results.data["experiment"], unit="cell", disable=not args.progress, dynamic_ncols=True)
+    for cell in bar:
+        bar.set_postfix_str(cell.key)
+        pyro.clear_param_store()
+        try:
+            results.add(cell.key, run_cell(cell, args))
+        except CheckpointError as error:
+            raise SystemExit(f"cell {cell.key}: {error}") from None
+        if after is not None:
+            after(results)
+    if after is not None:
+        after(results)
+
+
+def estimate(row: dict[str, Any], name: str) -> str:
+    """``mean ± stderr`` of a row's estimate ``name`` (nats), or an empty cell."""
+    value = row.get(name)
+    if not value:
+        return ""
+    return f"{value['mean']:.2f} ± {value['stderr']:.2f}"
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A markdown table; ``align`` has one of ``l``/``r`` per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def provenance(results: Results) -> str:
+    """Where the numbers come from: the command, the machine and the date."""
+    m = results.data["machine"]
+    device = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
+    return (f"Command: `{results.data['command']}`  \nMachine: {device}; Python {m['python']}, torch {m['torch']}, "
+            f"pyro-ppl {m['pyro']}  \nDate: {results.data.get('updated', 'not finished')}\n")
+
+
+def smoke_cells(cells: Sequence[Cell], keys: Sequence[str]) -> list[Cell]:
+    """The cells of a smoke run: those named, in order (a smoke run checks the machinery, not the table)."""
+    by_key = {cell.key: cell for cell in cells}
+    missing = [key for key in keys if key not in by_key]
+    if missing:
+        raise ValueError(f"smoke cells {missing} are not cells of this experiment ({', '.join(by_key)})")
+    return [by_key[key] for key in keys]
+
+
+def smoke_options() -> dict[str, Any]:
+    """A model small enough for a seconds-long run on the 8x8 digits."""
+    return {"data": "digits", "epochs": 1, "batch_size": 128, "hidden": [32], "latent_dim": 4,
+            "checkpoint_every": 0.0}
+
+
+def reopen(row: dict[str, Any], device: str = "auto"):
+    """The trained run of a results row (:func:`pyro_vae.load_run`)."""
+    return load_run(row["run_dir"], device=device)
