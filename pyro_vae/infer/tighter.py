@@ -18,6 +18,7 @@ PIWAE gives the two sides different gradients through the leaf copies of
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -28,10 +29,14 @@ from pyro_vae.infer.pathwise import leaf_log_weights, path_term
 
 
 def _check_groups(groups: int, num_particles: int) -> int:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_particles % groups:
+    try:
+        m = operator.index(groups) if not isinstance(groups, bool) else 0
+    except TypeError:
+        m = 0
+    if m < 1 or num_particles % m:
         raise ValueError(f"groups must be a positive integer dividing num_particles={num_particles} "
                          f"(M groups of L draws, M L = num_particles), got {groups!r}")
-    return groups
+    return m
 
 
 class MIWAE_ELBO(WeightedEstimator):
