@@ -75,7 +75,7 @@ class DReG_IWAE_ELBO(WeightedEstimator):
         w = self_normalized_weights(log_weight.detach())
         s = guide_scale(weights.guide_sites[0])
         coefficient = w * w if isinstance(s, float) and s == 1.0 else (1 - s) * w + s * w * w
-        guide_part = path_term(weights, (coefficient * log_weight).sum())
+        guide_part = path_term(weights, coefficient)
         return -(iwae_bound(weights.model_side()).sum() + guide_part)
 
 

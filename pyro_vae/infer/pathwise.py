@@ -14,7 +14,10 @@ since ``q(z2 | z1)`` depends on ``z1``) or at its own draws
 ``d objective / dz`` at fixed parameters, and :func:`path_term` turns it into a
 zero-valued tensor ``sum_s <z_s, g_s> - value`` whose gradient is
 ``sum_s g_s dz_s / dphi``, the chain rule continued through the guide's own
-graph (docs/derivations.md, Sticking the landing).
+graph (docs/derivations.md, Sticking the landing).  The objective is
+``sum_k c_k log w_k`` with detached coefficients ``c_k``: ``1/K`` for STL,
+``w~_k^2`` for DReG, the bound's own derivative for PIWAE's guide
+(:func:`bound_derivative`).
 
 The gradient with respect to the leaves is one extra backward pass through the
 model (the decoder) and the guide's density, computing input gradients only.
@@ -85,19 +88,45 @@ def leaf_log_weights(elbo: ELBO, model: Callable, guide: Callable, args: tuple, 
     return LeafWeights(log_weight, log_q, draws, leaves, tuple(run[4] for run in runs))
 
 
-def path_term(weights: LeafWeights, objective: torch.Tensor) -> torch.Tensor:
-    """``sum_s <z_s, g_s> - value`` with ``g_s = d objective / d z'_s`` at the leaves: zero-valued,
-    with gradient ``sum_s g_s dz_s / dphi`` through the guide's draws (a zero tensor when no draw
-    carries a graph).  The graph of ``objective`` is kept for the caller's own backward pass."""
+def bound_derivative(bound: Callable[[torch.Tensor], torch.Tensor], log_weight: torch.Tensor) -> torch.Tensor:
+    """``d sum(bound(log w)) / d log w_k``, detached: the weight of each particle in the bound's
+    gradient (``1/K`` for the ELBO, the self-normalized ``w~_k`` for IWAE, within each group and
+    over ``M`` for MIWAE)."""
+    with torch.enable_grad():
+        log_weight = log_weight.detach().requires_grad_()
+        return torch.autograd.grad(bound(log_weight).sum(), log_weight)[0]
+
+
+def path_term(weights: LeafWeights, coefficients: torch.Tensor) -> torch.Tensor:
+    """``sum_s <z_s, g_s> - value`` with ``g_s = d (sum_k c_k log w_k) / d z'_s`` at the leaves, ``c``
+    the ``coefficients`` (detached, the shape of the log-weights): zero-valued, with gradient
+    ``sum_k c_k (d log w_k / d z_k)(d z_k / d phi)`` through the guide's draws (a zero tensor when
+    no draw carries a graph).  The graph of the log-weights is kept for the caller's own backward.
+
+    Coefficients below :func:`negligible` are set to zero: their terms are far below the
+    rounding of the sum, and left in, they would run the backward pass through subnormal
+    numbers, which CPUs compute many times more slowly.
+    """
     pairs = [(z, leaf) for z, leaf in zip(weights.draws, weights.leaves) if z.requires_grad]
     if not pairs:
-        return objective.new_zeros(())
+        return weights.log_weight.new_zeros(())
+    c = coefficients.detach()
+    c = torch.where(c.abs() < negligible(c.dtype), torch.zeros_like(c), c)
+    objective = (c * weights.log_weight).sum()
     grads = torch.autograd.grad(objective, [leaf for _, leaf in pairs], retain_graph=True, allow_unused=True)
     term = objective.new_zeros(())
     for (z, _), g in zip(pairs, grads):
         if g is not None:
             term = term + (z * g).sum()
     return term - term.detach()
+
+
+def negligible(dtype: torch.dtype) -> float:
+    """``tiny / eps`` of ``dtype`` (about 1e-31 in float32, 1e-292 in float64): a particle's weight
+    below it changes a gradient by far less than rounding, since the largest weight of a point is
+    at least ``1 / K^2``."""
+    info = torch.finfo(dtype)
+    return info.tiny / info.eps
 
 
 def _leaf_run(model: Callable, guide: Callable, args: tuple, kwargs: dict, density_at: str):
@@ -135,4 +164,4 @@ def _leaf_run(model: Callable, guide: Callable, args: tuple, kwargs: dict, densi
             guide_sites)
 
 
-__all__ = ["DENSITY_AT", "LeafWeights", "leaf_log_weights", "path_term"]
+__all__ = ["DENSITY_AT", "LeafWeights", "bound_derivative", "leaf_log_weights", "negligible", "path_term"]

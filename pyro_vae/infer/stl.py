@@ -21,7 +21,7 @@ import torch
 
 from pyro_vae.infer.bounds import elbo_bound
 from pyro_vae.infer.estimators import WeightedEstimator
-from pyro_vae.infer.pathwise import leaf_log_weights, path_term
+from pyro_vae.infer.pathwise import bound_derivative, leaf_log_weights, path_term
 
 
 class STL_ELBO(WeightedEstimator):
@@ -45,7 +45,7 @@ class STL_ELBO(WeightedEstimator):
 
     def surrogate_loss(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
         weights = leaf_log_weights(self, model, guide, args, kwargs, density_at="leaves")
-        guide_part = path_term(weights, elbo_bound(weights.log_weight).sum())
+        guide_part = path_term(weights, bound_derivative(elbo_bound, weights.log_weight))
         return -(elbo_bound(weights.model_side()).sum() + guide_part)
 
 

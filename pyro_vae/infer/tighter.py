@@ -25,7 +25,7 @@ import torch
 
 from pyro_vae.infer.bounds import ciwae_bound, iwae_bound, miwae_bound
 from pyro_vae.infer.estimators import WeightedEstimator
-from pyro_vae.infer.pathwise import leaf_log_weights, path_term
+from pyro_vae.infer.pathwise import bound_derivative, leaf_log_weights, path_term
 
 
 def _check_groups(groups: int, num_particles: int) -> int:
@@ -104,7 +104,7 @@ class PIWAE_ELBO(WeightedEstimator):
 
     def surrogate_loss(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
         weights = leaf_log_weights(self, model, guide, args, kwargs, density_at="draws")
-        path = path_term(weights, miwae_bound(weights.log_weight, self.groups).sum())
+        path = path_term(weights, bound_derivative(lambda lw: miwae_bound(lw, self.groups), weights.log_weight))
         density = miwae_bound(weights.guide_side(), self.groups).sum()
         return -(iwae_bound(weights.model_side()).sum() + path + (density - density.detach()))
 
