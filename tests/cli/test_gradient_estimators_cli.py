@@ -88,3 +88,25 @@ def test_the_trainer_counts_every_draw_of_miwae_and_piwae(tmp_path, digits):
     with pytest.raises(TooLarge, match="particles 300000000 x batch_size"):
         Trainer(config.replace(objective="miwae", particles=100_000_000, run_dir=str(tmp_path / "big")),
                 dataset=digits)
+
+
+def test_a_program_the_estimator_cannot_read_is_refused_before_training(tmp_path, digits):
+    import pyro
+    import pyro.distributions as dist
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            flip = pyro.sample("flip", dist.Bernoulli(x.new_full((x.shape[0],), 0.5)))
+            pyro.sample("x", dist.Normal(flip.unsqueeze(-1).expand(*flip.shape, x.shape[-1]), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        p = pyro.param("p", torch.tensor(0.5), constraint=dist.constraints.unit_interval)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("flip", dist.Bernoulli(p.expand(x.shape[0])))
+
+    pyro.clear_param_store()
+    config = TrainConfig.from_flat(dict(objective="iwae-dreg", progress=False, run_dir=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="^DReG_IWAE_ELBO cannot train this program: guide site 'flip' is not "
+                                         "reparameterized$"):
+        Trainer(config, program=(model, guide), dataset=digits)
+    assert not (tmp_path / "run").exists()
