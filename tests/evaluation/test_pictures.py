@@ -1,4 +1,5 @@
-"""reconstructions.png shows a fixed, varied selection of test inputs, not the first ones."""
+"""reconstructions.png shows a fixed, varied selection of test inputs, not the first ones; a grid of
+images is drawn as one picture."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from pyro_vae.cli.main import main
 from pyro_vae.evaluation import pictures
+from pyro_vae.evaluation.images import gap_for, save_image_grid, tile
 from pyro_vae.evaluation.pictures import NUM_RECONSTRUCTIONS, reconstruction_indices
 from pyro_vae.train.runs import load_run
 
@@ -57,3 +59,24 @@ def test_the_run_pictures_reconstruct_the_selected_inputs(tmp_path, monkeypatch,
     pictures.draw_run_pictures(run, data, tmp_path, num=1)
     expected = data.test[reconstruction_indices(data.test.shape[0], data.test_labels)]
     assert torch.equal(shown["inputs"].cpu(), expected)
+
+
+def test_a_grid_is_one_canvas_of_the_images_with_gaps(tmp_path):
+    images = torch.arange(5 * 2 * 3, dtype=torch.float32).reshape(5, 2, 3)
+    canvas = tile(images, ncols=3, gap=1)
+    assert canvas.shape == (2 * 2 + 1, 3 * 3 + 2)
+    assert torch.equal(canvas[0:2, 0:3], images[0]) and torch.equal(canvas[0:2, 8:11], images[2])
+    assert torch.equal(canvas[3:5, 4:7], images[4])
+    assert canvas[2].isnan().all() and canvas[:, 3].isnan().all()  # the gaps
+    assert canvas[3:5, 8:11].isnan().all()  # the empty cell after the last image
+    assert gap_for(28, 28) == 2 and gap_for(8, 8) == 1
+
+
+def test_save_image_grid_writes_a_png_shaped_like_the_grid(tmp_path):
+    import matplotlib.image
+
+    wide = save_image_grid(torch.rand(20, 64), tmp_path / "wide.png", (8, 8), ncols=10, row_labels=["a", "b"])
+    tall = save_image_grid(torch.rand(20, 64), tmp_path / "tall.png", (8, 8), ncols=2, title="t")
+    h_wide, w_wide = matplotlib.image.imread(wide).shape[:2]
+    h_tall, w_tall = matplotlib.image.imread(tall).shape[:2]
+    assert w_wide > 2 * h_wide and h_tall > 2 * w_tall
