@@ -28,7 +28,9 @@ guide does not sample, an observed site in the guide.
 :func:`make_loss_fn` is the trainer's one entry point: the direct loss of the
 built-in VAE (:mod:`pyro_vae.infer.direct`) when it applies, else the lean
 estimator, each checked once against the Pyro estimator, else the Pyro
-estimator itself.
+estimator itself.  An estimator with a gradient of its own
+(:mod:`pyro_vae.infer.estimators`) has no Pyro twin: it is returned itself,
+its value checked once against the same bound of Pyro's traces.
 """
 
 from __future__ import annotations
@@ -397,6 +399,9 @@ def make_loss_fn(elbo: ELBO, model: Callable, guide: Callable, probe_args: tuple
                               read_first=True)
             except UnsupportedProgram as error:
                 raise ValueError(f"{type(elbo).__name__} cannot train this program: {error}") from None
+            except LossMismatch as error:
+                raise LossMismatch(f"{type(elbo).__name__} reads this program differently from Pyro's traces of it: "
+                                   f"{error}") from None
         return elbo.differentiable_loss
     candidates, reasons = _candidates(elbo, model, guide)
     if probe is None and candidates:

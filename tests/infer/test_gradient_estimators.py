@@ -292,7 +292,7 @@ def test_an_estimator_whose_value_disagrees_with_pyro_is_refused_at_start_up():
             return super().log_weights(model, guide, args, kwargs) + 1e-2
 
     program = pair()
-    with pytest.raises(LossMismatch, match="Shifted"):
+    with pytest.raises(LossMismatch, match="^Shifted reads this program differently from Pyro.s traces of it: "):
         make_loss_fn(Shifted(groups=2, num_particles=4, max_plate_nesting=1, vectorize_particles=True),
                      program.model, program.guide, (X,))
 
