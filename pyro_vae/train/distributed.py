@@ -309,16 +309,16 @@ def _picklable(error: Exception) -> Exception:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
-def rank_device(device: torch.device, requested: str, local_rank: int, world_size: int) -> torch.device:
-    """The device of one rank: ``cuda:LOCAL_RANK`` for ``auto``/``cuda`` on a GPU, the CPU as it is."""
+def rank_device(device: torch.device, requested: str, local_rank: int, world_size: int,
+                explicit: bool = False) -> torch.device:
+    """The device of one rank: ``cuda:LOCAL_RANK`` for ``auto``/``cuda`` on a GPU, the CPU as it is.
+    A ``cuda:N`` is kept when it is the rank's own GPU, or when ``explicit`` (the caller built the
+    process group and maps ranks to GPUs)."""
     if device.type == "mps":
         raise DistributedSetupError("distributed runs use CPUs (gloo) or CUDA GPUs (nccl), not mps; "
                                     "pass --device cpu")
     if device.type != "cuda":
         return device
-    if requested not in ("auto", "cuda"):
-        raise DistributedSetupError(f"--device {requested} names one GPU for all {world_size} processes; pass "
-                                    "--device cuda (or auto): each process takes cuda:LOCAL_RANK")
     count = torch.cuda.device_count()
     if count == 1:  # each process sees its own GPU (CUDA_VISIBLE_DEVICES set per process)
         index = 0
@@ -327,6 +327,11 @@ def rank_device(device: torch.device, requested: str, local_rank: int, world_siz
     else:
         raise DistributedSetupError(f"LOCAL_RANK {local_rank} has no GPU: this node has {count} CUDA devices; start "
                                     f"at most {count} processes per node (--nproc_per_node {count})")
+    if device.index is not None and device.index != index:
+        if not explicit:
+            raise DistributedSetupError(f"--device {requested} names one GPU for all {world_size} processes; pass "
+                                        f"--device cuda (or auto): each process takes cuda:LOCAL_RANK")
+        index = device.index
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -346,7 +351,7 @@ def join(device: torch.device, requested: str = "auto") -> World:
         local = os.environ.get("LOCAL_RANK", "")
         local_rank = int(local) if local.isdigit() else rank % max(1, torch.cuda.device_count())
         backend = str(dist.get_backend())
-        device = rank_device(device, requested, local_rank, size)
+        device = rank_device(device, requested, local_rank, size, explicit=True)
         if backend == "nccl" and device.type != "cuda":
             raise DistributedSetupError("the process group uses nccl, which needs CUDA tensors; train on a GPU "
                                         "(--device cuda) or initialize the group with backend='gloo'")

@@ -138,26 +138,47 @@ class TrainResult:
         return self.program.module
 
 
-def _rng_state(data_gen: torch.Generator) -> dict[str, Any]:
+def _rng_state(data_gen: torch.Generator, device: torch.device | None = None) -> dict[str, Any]:
+    """The generators' states: every CUDA device's, or with ``device`` (a rank of a distributed run)
+    only that device's, by device index (a rank touches no other GPU)."""
     state = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is None:
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+    elif device.type == "cuda":
+        state["cuda"] = {device.index: torch.cuda.get_rng_state(device)}
     return state
 
 
-def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator | None) -> None:
+def _set_rng_state(state: dict[str, Any], data_gen: torch.Generator | None,
+                   device: torch.device | None = None) -> None:
+    """Put back a :func:`_rng_state` (without ``data_gen``: the data generator as it is); with
+    ``device``, of the CUDA generators only that device's, when the state has it."""
     torch.set_rng_state(state["torch"])
     if data_gen is not None:
         data_gen.set_state(state["data"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" not in state or not torch.cuda.is_available():
+        return
+    cuda = state["cuda"]
+    if device is None:
+        if isinstance(cuda, dict):
+            for index, value in cuda.items():
+                if index < torch.cuda.device_count():
+                    torch.cuda.set_rng_state(value, index)
+        else:
+            torch.cuda.set_rng_state_all(cuda)
+    elif device.type == "cuda":
+        own = cuda if torch.is_tensor(cuda) else (cuda.get(device.index) if isinstance(cuda, dict) else
+                                                   cuda[device.index] if device.index < len(cuda) else None)
+        if own is not None:
+            torch.cuda.set_rng_state(own, device)
 
 
-def _sampling_rng_state(step: int) -> dict[str, Any]:
-    """This process's own generators (not the shared data generator), tagged with the step."""
+def _sampling_rng_state(step: int, device: torch.device) -> dict[str, Any]:
+    """This rank's own generators (not the shared data generator), tagged with the step."""
     state: dict[str, Any] = {"step": step, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
@@ -447,7 +468,7 @@ class Trainer:
             "device": self.device.type,
             "epoch": epoch, "batch": batch, "step": step,
             "epoch_start_data_rng": epoch_start_rng,
-            "rng": _rng_state(self.data_gen),
+            "rng": _rng_state(self.data_gen, self.device if self.world.distributed else None),
             "world_size": self.world.size,
             "best": best, "bad_epochs": bad_epochs, "epoch_loss": epoch_loss,
             "stopped_early": stopped_early,
@@ -458,7 +479,7 @@ class Trainer:
         if self.world.distributed:
             # Every rank's own generators, gathered at this step, go into rank 0's checkpoint; a rank
             # that died makes the gather fail, and nothing is written.
-            ranks = self.world.gather_objects(_sampling_rng_state(step))
+            ranks = self.world.gather_objects(_sampling_rng_state(step, self.device))
             self.world.share(lambda: self._write_checkpoint(path, ranks, epoch, batch, step, *args, **kwargs))
         else:
             save_checkpoint(self._state(epoch, batch, step, *args, **kwargs), path)
@@ -555,7 +576,7 @@ class Trainer:
             best, bad_epochs, resumed_loss = state["best"], state["bad_epochs"], state["epoch_loss"]
             epoch_start_rng = state["epoch_start_data_rng"]
             _set_rng_state({k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in state["rng"].items()},
-                           self.data_gen)
+                           self.data_gen, self.device if world.distributed else None)
             if world.distributed or state.get("world_size", 1) != 1:
                 self._restore_rank_rng(state)
             world.share(lambda: self._truncate_metrics(start_epoch))
@@ -700,7 +721,8 @@ class Trainer:
         if saved == world.size:
             if world.rank > 0:
                 own = state["rank_rng"][world.rank]
-                _set_rng_state({k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in own.items()}, None)
+                _set_rng_state({k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in own.items()}, None,
+                               self.device)
             return
         if world.rank > 0:
             torch.manual_seed(rank_seed(self.config.seed, world.rank, state["step"]))
