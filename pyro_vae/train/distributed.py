@@ -224,18 +224,23 @@ class World:
             return
         groups = _by_dtype(params)
         first = next(iter(groups))
+        present = [p.grad is not None for p in params]
+        # All present here means present after the sum: then the counts need not be read back (on a
+        # GPU that would wait for the step), and the flags are made on the device.
+        everywhere = all(present)
         for dtype, group in groups.items():
             parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in group]
-            if dtype == first:  # one count per parameter of which ranks had a gradient
-                parts.append(torch.tensor([float(p.grad is not None) for p in params], dtype=dtype,
-                                          device=group[0].device))
+            if dtype == first:  # one count per parameter of the ranks that had a gradient
+                like = group[0]
+                parts += ([like.new_ones(len(params))] if everywhere else
+                          [like.new_ones(1) if has else like.new_zeros(1) for has in present])
             flat = torch.cat(parts)
             if flat.device != self._comm_device:
                 flat = flat.to(self._comm_device)
             with _collective("the all-reduce of the gradients"):
                 dist.all_reduce(flat)
             if dtype == first:
-                counts = flat[-len(params):].tolist()
+                counts = [1.0] * len(params) if everywhere else flat[-len(params):].tolist()
                 has_grad = {id(p): c > 0 for p, c in zip(params, counts)}
                 flat = flat[:-len(params)]
             for p, value in zip(group, _split(flat, group)):

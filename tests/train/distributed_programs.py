@@ -42,9 +42,20 @@ def delta():
     return model, guide
 
 
+def digits_subset(train: int, valid: int):
+    """The first ``train`` training and ``valid`` validation points of the digits."""
+    from pyro_vae.data import Dataset, load_dataset
+
+    ds = load_dataset("digits")
+    return Dataset(name=ds.name, train=ds.train[:train], valid=ds.valid[:valid], test=ds.test[:valid],
+                   train_labels=None, valid_labels=None, test_labels=None, image_shape=ds.image_shape,
+                   binary=ds.binary, dynamic_binarization=ds.dynamic_binarization, num_classes=None)
+
+
 def train_worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> None:
     """One rank of a spawned run: join a gloo group by TCP, then ``train`` each job
-    (``{"config": flat options, "resume": bool}``) on the digits with the Delta program."""
+    (``{"config": flat options, "resume": bool, "subset": (train, valid)}``) on the digits
+    with the Delta program."""
     import torch.distributed as dist_
 
     from pyro_vae.train.config import TrainConfig
@@ -55,6 +66,8 @@ def train_worker(rank: int, world_size: int, port: int, jobs: list[dict]) -> Non
     try:
         for job in jobs:
             pyro.clear_param_store()  # a fresh program starts from its own parameters
-            train(TrainConfig.from_flat(job["config"]), program=delta(), resume=job.get("resume", False))
+            dataset = digits_subset(*job["subset"]) if "subset" in job else None
+            train(TrainConfig.from_flat(job["config"]), program=delta(), dataset=dataset,
+                  resume=job.get("resume", False))
     finally:
         dist_.destroy_process_group()

@@ -26,7 +26,7 @@ import pyro
 import pytest
 import torch
 import torch.multiprocessing as mp
-from distributed_programs import delta, train_worker
+from distributed_programs import delta, digits_subset, train_worker
 
 from pyro_vae.cli.main import main
 from pyro_vae.train.checkpoint import load_checkpoint
@@ -42,6 +42,7 @@ DELTA = dict(program="distributed_programs:delta", batch_size=64, progress=False
 VAE = ["--latent-dim", "4", "--hidden", "32", "--batch-size", "64", "--patience", "0", "--device", "cpu",
        "--no-progress", "--checkpoint-every-steps", "5"]
 VAE_EPOCHS = 3
+SHORT = (129, 3)  # training and validation points of the run with a one-point last batch
 
 
 def free_port() -> int:
@@ -143,7 +144,8 @@ def spawned(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     jobs = [{"config": dict(DELTA, epochs=2, run_dir=str(root / "two"))},
-            {"config": dict(DELTA, epochs=2, run_dir=str(root / "from_one")), "resume": True}]
+            {"config": dict(DELTA, epochs=2, run_dir=str(root / "from_one")), "resume": True},
+            {"config": dict(DELTA, epochs=2, run_dir=str(root / "short")), "subset": SHORT}]
     sys.path.insert(0, str(TESTS / "train"))  # the children import the worker by name
     try:
         mp.spawn(train_worker, args=(2, free_port(), jobs), nprocs=2, join=True)
@@ -174,6 +176,17 @@ def test_two_processes_reach_the_parameters_of_one(spawned, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
     state = load_checkpoint(spawned / "two" / "checkpoint.pt")
     assert state["world_size"] == 2 and len(state["rank_rng"]) == 2
+
+
+def test_a_rank_without_a_share_of_a_short_last_batch_steps_in_lockstep(spawned, tmp_path):
+    """129 points in batches of 64: the last batch has one point, which rank 1 scores alone (rank 0
+    has no gradient there); 3 validation points split 1 + 2."""
+    pyro.clear_param_store()
+    one = tmp_path / "one"
+    train(TrainConfig.from_flat(dict(DELTA, epochs=2, run_dir=str(one))), program=delta(), dataset=digits_subset(*SHORT))
+    _assert_close(params(spawned / "short"), params(one))
+    for a, b in zip(metrics(spawned / "short"), metrics(one)):
+        assert (a["step"], a["valid_elbo"]) == (b["step"], pytest.approx(b["valid_elbo"], rel=1e-6))
 
 
 def test_checkpoints_continue_across_world_sizes(spawned, tmp_path):
