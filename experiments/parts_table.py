@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def estimate(rows: list[Row], data: dict, args: argparse.Namespace) -> int:
     """Time a few training steps and one validation pass per cell; project to the full budget."""
-    from pyro_vae.train.trainer import evaluate_loss
+    from pyro_vae.train.trainer import batch_args, evaluate_loss
 
     steps = math.ceil(args.train_size / args.batch_size) * args.epochs
     total = 0.0
@@ -241,17 +241,17 @@ def estimate(rows: list[Row], data: dict, args: argparse.Namespace) -> int:
                 timings = []
                 for _ in range(4):  # the first step warms up
                     t0 = time.perf_counter()
-                    loss = trainer.loss_fn(trainer.vae.model, trainer.vae.guide, x, y) / x.shape[0]
+                    loss = trainer.loss_fn(trainer.program.model, trainer.program.guide, *batch_args(x, y)) / x.shape[0]
                     trainer.optimizer.zero_grad()
                     loss.backward()
                     trainer.optimizer.step()
                     timings.append(time.perf_counter() - t0)
                 per_step = min(timings[1:])
-                trainer.vae.eval()
+                trainer.program.train(False)
                 t0 = time.perf_counter()
-                evaluate_loss(trainer.vae, trainer.valid_elbo, trainer.x_valid, trainer.y_valid)
+                evaluate_loss(trainer.valid_elbo_fn, trainer.program, trainer.x_valid, trainer.y_valid)
                 if objective["objective"] != "trace":
-                    evaluate_loss(trainer.vae, trainer.elbo, trainer.x_valid, trainer.y_valid)
+                    evaluate_loss(trainer.loss_fn, trainer.program, trainer.x_valid, trainer.y_valid)
                 validation = time.perf_counter() - t0
                 projected = per_step * steps + validation * args.epochs
                 total += projected

@@ -36,7 +36,7 @@ def bound_before_and_after(config: TrainConfig, digits) -> tuple[float, float]:
         warnings.simplefilter("ignore")  # meanfield's Monte Carlo fallback warning is tested elsewhere
         trainer = Trainer(config, dataset=digits)
     trainer.program.train(False)
-    before = -evaluate_loss(trainer.elbo, trainer.program, trainer.x_valid, trainer.y_valid)
+    before = -evaluate_loss(trainer.loss_fn, trainer.program, trainer.x_valid, trainer.y_valid)
     result = trainer.fit()
     return before, result.history[-1]["valid_bound"]
 
