@@ -17,7 +17,7 @@ from pyro_vae.cli.main import main
 from pyro_vae.data import Dataset
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyro_vae.train.config import RESUMABLE, TrainConfig, load_toml
-from pyro_vae.train.integrity import data_fingerprint, state_digest
+from pyro_vae.train.integrity import DataChangedError, check_data_fingerprint, data_fingerprint, state_digest
 from pyro_vae.train.memory import TooLarge
 from pyro_vae.train.rundir import RunLock, create_unique_run_dir, is_locked, run_status
 from pyro_vae.train.trainer import Trainer, TrainingDiverged, train
@@ -259,7 +259,7 @@ def test_data_changed_under_the_same_path_is_refused_or_allowed_with_a_warning(t
         assert main([*argv, "--allow-changed-data"]) == 0
         assert "warning: the data" in capsys.readouterr().err
     assert "differs from the data" in _error(["train", "--resume", str(run), "--epochs", "2"], capsys)
-    assert set(state["data_fingerprint"]) == {"train", "valid", "test"}
+    assert set(state["data_fingerprint"]) == {"train", "valid", "test", "algorithm"}
 
 
 def test_fingerprints_tell_splits_and_labels_apart(digits):
@@ -270,6 +270,20 @@ def test_fingerprints_tell_splits_and_labels_apart(digits):
     assert data_fingerprint(same) == data_fingerprint(digits)
     same.train_labels = digits.train_labels.flip(0)
     assert data_fingerprint(same)["train"] != data_fingerprint(digits)["train"]
+
+
+def test_one_changed_value_changes_the_fingerprint_whichever_algorithm_recorded_it(digits):
+    changed = Dataset(name="x", train=digits.train.clone(), valid=digits.valid, test=digits.test,
+                      train_labels=digits.train_labels, valid_labels=digits.valid_labels,
+                      test_labels=digits.test_labels, image_shape=digits.image_shape, binary=False,
+                      dynamic_binarization=False, num_classes=10)
+    changed.train[7, 3] = torch.nextafter(changed.train[7, 3], torch.tensor(2.0))  # one ulp
+    for algorithm in ("crc32", "sha256"):  # sha256: what older runs recorded
+        saved = data_fingerprint(digits, algorithm)
+        assert saved["algorithm"] == algorithm
+        check_data_fingerprint(saved, digits, "the run")  # the same data passes
+        with pytest.raises(DataChangedError, match="changed split\\(s\\): train"):
+            check_data_fingerprint(saved, changed, "the run")
 
 
 # -- 5. strict configuration ----------------------------------------------------------------------------
