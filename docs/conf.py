@@ -259,11 +259,7 @@ def resolve_pyro_vae_reference(app, env, node, contnode):
 #: Docstring problems known to the owners of those files and not yet fixed there: (the object whose
 #: docstring it is, the start of the message).  Each is dropped from the warnings (so ``-W`` passes)
 #: and printed as a note; nothing else is.  Remove an entry once its docstring is fixed.
-KNOWN_DOCSTRING_PROBLEMS = [
-    ("pyro_vae.infer.fast", "Malformed table."),
-    ("pyro_vae.infer.objectives", "Malformed table."),
-    ("pyro_vae.evaluation.snr", "Undefined substitution referenced"),
-]
+KNOWN_DOCSTRING_PROBLEMS: list[tuple[str, str]] = []
 
 
 _NOTED: set[tuple[str, str]] = set()

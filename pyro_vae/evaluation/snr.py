@@ -2,9 +2,7 @@
 
 At fixed parameters, :func:`gradient_snr` draws an estimator's gradient ``R``
 times on one fixed batch and gives, for every parameter element,
-
-    SNR = |mean of the R draws| / (their standard deviation),
-
+``SNR = |mean of the R draws| / (their standard deviation)``,
 summarized over the elements of each group by its mean and median (the
 quantity of Rainforth et al. 2018, "Tighter Variational Bounds are Not
 Necessarily Better", and of Tucker et al. 2018).  Rainforth et al. show that

@@ -8,13 +8,13 @@ reparameterized none of that changes the loss.  The estimators here sit
 beside the Pyro classes they speed up, as ``JitTrace_ELBO`` sits beside
 ``Trace_ELBO``:
 
-==========================  ==============================  =====================================
-lean estimator              Pyro estimator                  loss (sum over the data)
-==========================  ==============================  =====================================
-:class:`FastTrace_ELBO`     ``Trace_ELBO``                  ``-elbo_bound(log w)``
-:class:`FastTraceMeanField_ELBO`  ``TraceMeanField_ELBO``   ``-canonical_elbo(log p(x|z), KL)``
-:class:`FastRenyiELBO`      ``DifferentiableRenyiELBO``     ``-sum renyi_bound(log w, alpha)``
-==========================  ==============================  =====================================
+================================  ==============================  =====================================
+lean estimator                    Pyro estimator                  loss (sum over the data)
+================================  ==============================  =====================================
+:class:`FastTrace_ELBO`           ``Trace_ELBO``                  ``-elbo_bound(log w)``
+:class:`FastTraceMeanField_ELBO`  ``TraceMeanField_ELBO``         ``-canonical_elbo(log p(x|z), KL)``
+:class:`FastRenyiELBO`            ``DifferentiableRenyiELBO``     ``-sum renyi_bound(log w, alpha)``
+================================  ==============================  =====================================
 
 Each runs the guide and the model replayed on its draws under a lean site
 recorder (no ``Trace`` graph, no copies), with validation off, the vectorized

@@ -1,23 +1,21 @@
 """Objectives chosen by name, and what ``TraceMeanField_ELBO`` computes analytically.
 
-=========  ==========================================================  ==============
-name       estimator                                                   default particles
-=========  ==========================================================  ==============
-trace      ``Trace_ELBO``: Monte Carlo ELBO, Eq. (2)/(8)               1
-meanfield  ``TraceMeanField_ELBO``: analytic KL where registered, Eq. (6)  1
-renyi      ``RenyiELBO(alpha)``: Renyi bound (Li & Turner 2016)        5
-iwae       ``RenyiELBO(alpha=0)``: importance-weighted bound (Sec. 1.10)  5
-iwae-dreg  :class:`~pyro_vae.infer.dreg.DReG_IWAE_ELBO`: IWAE bound, doubly   5
-           reparameterized guide gradient (Tucker et al. 2018)
-stl        :class:`~pyro_vae.infer.stl.STL_ELBO`: ELBO, sticking-the-landing  1
-           guide gradient (Roeder et al. 2017)
-miwae      :class:`~pyro_vae.infer.tighter.MIWAE_ELBO`: mean of M IWAE bounds    5 per group,
-           of L draws (Rainforth et al. 2018)                          2 groups
-ciwae      :class:`~pyro_vae.infer.tighter.CIWAE_ELBO`: beta ELBO + (1 - beta)   5
-           IWAE on the same draws (Rainforth et al. 2018)
-piwae      :class:`~pyro_vae.infer.tighter.PIWAE_ELBO`: the model steps on IWAE,  5 per group,
-           the guide on MIWAE, same draws (Rainforth et al. 2018)      2 groups
-=========  ==========================================================  ==============
+Each name, its estimator (equations of docs/derivations.md) and its default particles ``K``:
+
+* ``trace``: ``Trace_ELBO``, the Monte Carlo ELBO (D15); 1.
+* ``meanfield``: ``TraceMeanField_ELBO``, the analytic KL where one is registered (D16); 1.
+* ``renyi``: ``RenyiELBO(alpha)``, the Renyi bound (Li & Turner 2016; D41); 5.
+* ``iwae``: ``RenyiELBO(alpha=0)``, the importance-weighted bound (Burda et al. 2016; D36); 5.
+* ``iwae-dreg``: :class:`~pyro_vae.infer.dreg.DReG_IWAE_ELBO`, the IWAE bound with the doubly
+  reparameterized guide gradient (Tucker et al. 2018; D47); 5.
+* ``stl``: :class:`~pyro_vae.infer.stl.STL_ELBO`, the ELBO with the sticking-the-landing guide
+  gradient (Roeder et al. 2017; D45); 1.
+* ``miwae``: :class:`~pyro_vae.infer.tighter.MIWAE_ELBO`, the mean of ``M`` IWAE bounds of ``L``
+  draws (Rainforth et al. 2018; D48); 5 per group, 2 groups.
+* ``ciwae``: :class:`~pyro_vae.infer.tighter.CIWAE_ELBO`, ``beta`` ELBO + (1 - ``beta``) IWAE on the
+  same draws (Rainforth et al. 2018; D49); 5.
+* ``piwae``: :class:`~pyro_vae.infer.tighter.PIWAE_ELBO`, the model steps on IWAE, the guide on
+  MIWAE, from the same draws (Rainforth et al. 2018; D50); 5 per group, 2 groups.
 
 Several particles are always vectorized (one pass with a particle plate on the
 left of the data plate).  Every loss is the *sum* over the data plate, the way

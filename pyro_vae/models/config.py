@@ -35,6 +35,10 @@ MIN_TEMPERATURE = 0.1
 
 @dataclass
 class ModelConfig:
+    """What the built-in model is: its prior, guide and decoder by name (or import path), their
+    sizes and options, and the architecture (networks, one or two stochastic layers).  The same
+    description rebuilds the model for training, evaluation and sampling."""
+
     # parts by name (see pyro_vae.models.registry) or import path "package.module:Name"
     prior: str = "normal"
     guide: str = "diagonal"

@@ -1,4 +1,4 @@
-"""Decoders p(x | z): likelihoods of Sec. 1.6 of the derivations.
+"""Decoders p(x | z): the likelihoods of docs/derivations.md, Reconstruction terms; (D17)-(D22).
 
 A decoder's ``forward(z, y=None)`` maps latents of shape ``(..., B, r)`` to a
 distribution with batch shape ``(..., B)`` and event shape ``(d,)``; the leading
@@ -86,7 +86,7 @@ class BernoulliDecoder(Decoder):
 
 
 class GaussianDecoder(Decoder):
-    """p(x | z) = N(x; mu(z), sigma_x^2 I) (Sec. 1.6), with ``sigma_x`` fixed or learned.
+    """p(x | z) = N(x; mu(z), sigma_x^2 I) (docs/derivations.md (D17)), with ``sigma_x`` fixed or learned.
 
     With ``learn_sigma=True`` a single scalar ``log sigma_x`` is a parameter,
     initialised at ``log(sigma)``.
@@ -119,7 +119,7 @@ class GaussianDecoder(Decoder):
 
 class PixelScaleGaussianDecoder(GaussianDecoder):
     """p(x | z) = N(x; mu(z), diag(sigma_1^2, ..., sigma_d^2)) with one learned
-    ``log sigma_j`` per pixel, shared by all ``z`` (Sec. 1.6 with a heteroscedastic
+    ``log sigma_j`` per pixel, shared by all ``z`` ((D17) with a heteroscedastic
     but input-independent scale), initialised at ``log(sigma)``.  Learning the
     scale lets the likelihood find its own noise level per pixel instead of the
     fixed ``sigma_x`` that sets the reconstruction/KL balance by hand."""

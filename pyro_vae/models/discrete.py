@@ -1,6 +1,6 @@
 """Discrete latents: categorical codes trained through the Gumbel-Softmax / Concrete relaxation.
 
-Sec. 1.10 of the derivations ("discrete latents"): ``z`` is ``n`` independent
+docs/derivations.md, Concrete / Gumbel-Softmax latents; (D28)-(D33): ``z`` is ``n`` independent
 categorical variables with ``k`` categories each, one-hot encoded, so a latent
 has event shape ``(n, k)``.  Training replaces every categorical by its
 continuous relaxation at temperature ``tau`` (the Concrete distribution of

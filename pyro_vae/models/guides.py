@@ -50,8 +50,8 @@ class Encoder(nn.Module):
 
 class DiagonalGaussianEncoder(Encoder):
     """q(z | x) = N(mu(x), diag(sigma^2(x))) with an MLP that outputs ``mu`` and
-    the log-variance ``l = log sigma^2`` (Sec. 1.5); ``sigma = exp(l / 2)`` so a
-    draw is the reparameterized ``z = mu + sigma * eps`` of Eq. (7)."""
+    the log-variance ``l = log sigma^2`` (docs/derivations.md (D3)); ``sigma = exp(l / 2)`` so a
+    draw is the reparameterized ``z = mu + sigma * eps`` of (D13)."""
 
     def __init__(self, input_dim: int, latent_dim: int, hidden: Sequence[int] = (400,),
                  activation: str = "relu", condition_dim: int = 0, network: str = "mlp",
@@ -76,8 +76,8 @@ class LowRankGaussianEncoder(Encoder):
     a correlated Gaussian guide at O(r * rank) cost (the rank-one-plus-diagonal
     covariance of Rezende et al. 2014, to any rank; ``LowRankMultivariateNormal``).
 
-    Draws are reparameterized, ``z = mu + W eps_1 + sqrt(d) * eps_2`` (Eq. (7)
-    with a correlated scale).  ``d = exp(l)`` where ``l`` plays the role of the
+    Draws are reparameterized, ``z = mu + W eps_1 + sqrt(d) * eps_2`` ((D13)
+    of docs/derivations.md with a correlated scale).  ``d = exp(l)`` where ``l`` plays the role of the
     diagonal encoder's log-variance, so with ``W = 0`` it is the diagonal guide; it
     starts there (``W`` initialised to zero).
     """
@@ -105,8 +105,8 @@ class LowRankGaussianEncoder(Encoder):
 class FullCovarianceEncoder(Encoder):
     """q(z | x) = N(mu(x), L(x) L(x)^T) with a full lower-triangular Cholesky
     factor ``L`` (the full-covariance Gaussian posterior of Kingma & Welling 2019,
-    "An Introduction to Variational Autoencoders"): ``z = mu + L eps``, Eq. (7)
-    with a correlated scale.
+    "An Introduction to Variational Autoencoders"): ``z = mu + L eps``, (D13) of
+    docs/derivations.md with a correlated scale.
 
     The network emits ``mu``, a log-variance ``l`` for the diagonal of ``L``
     (``L_ii = exp(l_i / 2)``, as in the diagonal guide) and the ``r(r-1)/2``

@@ -25,7 +25,7 @@ class Prior(nn.Module):
 
 
 class StandardNormalPrior(Prior):
-    """p(z) = N(0, I_r), the prior of Sec. 1.2 of the derivations."""
+    """p(z) = N(0, I_r), the prior of docs/derivations.md (D1)."""
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -40,8 +40,8 @@ class StandardNormalPrior(Prior):
 
 class LearnedNormalPrior(Prior):
     """p(z) = N(m, diag(s^2)) with learnable ``m`` and ``log s`` (an empirical-Bayes
-    Gaussian prior, Sec. 1.2 with the prior's parameters in theta).  With a
-    diagonal guide the KL stays in closed form, Eq. (6) generalised to
+    Gaussian prior: (D1) of docs/derivations.md with the prior's parameters in theta).  With a
+    diagonal guide the KL stays in closed form, (D8):
     ``KL(N(mu, sigma^2) || N(m, s^2))``."""
 
     def __init__(self, latent_dim: int) -> None:

@@ -102,7 +102,7 @@ class VAE(nn.Module):
         return one_hot_condition(y, self.num_classes)
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Generative model p(x, z) = p(x | z) p(z) (Sec. 1.2)."""
+        """Generative model p(x, z) = p(x | z) p(z) (docs/derivations.md (D1))."""
         pyro.module(self.name, self)
         c = self.condition(y)
         with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):
@@ -111,7 +111,7 @@ class VAE(nn.Module):
         return z
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Amortized guide q(z | x) (Sec. 1.2)."""
+        """Amortized guide q(z | x) (docs/derivations.md (D3))."""
         pyro.module(self.name, self)
         c = self.condition(y)
         with pyro.plate(DATA_PLATE, x.shape[0], device=x.device):

@@ -40,6 +40,13 @@ RESUMABLE = ("epochs", "patience", "lr", "device", "progress", "checkpoint_every
 
 @dataclass
 class TrainConfig:
+    """How to train: the data set, the objective and its particles, optimisation, output, and the
+    :class:`~pyro_vae.models.config.ModelConfig` (or a user's ``program`` by import path) trained.
+
+    Flat options (as the flags and TOML keys spell them) go through :meth:`from_flat`, which sends
+    each to the model or the training side and checks its type; :meth:`validate` checks ranges.
+    """
+
     # data
     data: str = "digits"
     data_dir: str | None = None

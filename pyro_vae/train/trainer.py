@@ -122,6 +122,10 @@ def default_run_dir(config: TrainConfig, parent: str | Path = "runs") -> Path:
 
 @dataclass
 class TrainResult:
+    """What :meth:`Trainer.fit` returns: the run directory, the trained program and its data, one
+    metrics row per epoch trained now, and how training ended (finished, interrupted by a signal,
+    stopped early, or nothing left to do on resume)."""
+
     run_dir: Path
     program: Program
     dataset: Dataset

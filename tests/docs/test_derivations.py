@@ -186,6 +186,22 @@ def _normalize(text: str) -> str:
     return re.sub(r"^the ", "", text)
 
 
+CITED_TAG = re.compile(r"\(D(\d+)\)|\bD(\d+) in docs/derivations")
+
+
+def test_equation_tags_cited_in_the_library_exist(doc):
+    """Every ``(Dn)`` a docstring or comment of the library cites is an equation of derivations.md."""
+    tags = {int(n) for n in re.findall(r"\\tag\{D(\d+)\}", doc)}
+    assert tags, "derivations.md tags no equation"
+    problems = []
+    for path in sorted((ROOT / "pyro_vae").rglob("*.py")):
+        for match in CITED_TAG.finditer(path.read_text(encoding="utf-8")):
+            number = int(match.group(1) or match.group(2))
+            if number not in tags:
+                problems.append(f"{path.relative_to(ROOT)} cites (D{number}), which derivations.md does not tag")
+    _fail(problems, "dangling equation tag(s) of")
+
+
 def test_section_citations_in_the_library_name_a_heading(doc):
     headings = [_normalize(h) for h in re.findall(r"^#{2,4} (.+)$", doc, flags=re.MULTILINE)]
     problems = []

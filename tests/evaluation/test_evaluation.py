@@ -133,7 +133,7 @@ def test_importance_sampled_log_likelihood_matches_exact_evidence_and_exceeds_th
     assert torch.all(result.per_point["log_px"] >= elbo)
     gap = result.estimate("gap")
     assert gap.mean > 0.05 and gap.mean > 10 * gap.stderr  # the guide is not exact: a real gap
-    # The gap estimates KL(q || p(z|x)) (Eq. 3): exact ELBO is log p(x) - gap.
+    # The gap estimates KL(q || p(z|x)) (docs/derivations.md, (D7)): exact ELBO is log p(x) - gap.
     assert abs((exact - elbo).mean().item() - gap.mean) < 0.02
 
 
