@@ -1,41 +1,43 @@
-"""Benchmark: a training step through pyro-vae's trainer against hand-written PyTorch.
+"""Benchmark: ``pyro_vae.train`` -- what ``pyro-vae train`` runs -- against a hand-written PyTorch script.
 
-The pyro-vae side is :class:`pyro_vae.train.trainer.Trainer` -- the code path of
-``pyro-vae train`` -- built for the case and stepped through its own loss
-function and optimizer (``Trainer.train_step``).  Two programs are timed:
+The pyro-vae side is the public entry point, timed end to end:
+``pyro_vae.train(config, program=..., dataset=dataset)`` builds the program and
+its optimizer, checks the faster estimator against Pyro's on the first batch,
+trains ``--epochs`` epochs, computes the validation bounds after each epoch,
+and writes ``metrics.jsonl``, ``checkpoint.pt`` and ``best.pt``.  Two programs:
 
 * ``builtin``: the library's VAE built from the config (784-400-50 MLP, Bernoulli
-  decoder, diagonal Gaussian guide); the trainer picks the direct loss
-  (:mod:`pyro_vae.infer.direct`);
+  decoder, diagonal Gaussian guide);
 * ``plain``: the same networks written as a user writes them, two plain
-  functions ``model(x)`` / ``guide(x)`` using ``pyro.module``, handed to
-  ``Trainer(config, program=(model, guide))``; the trainer picks the lean
-  estimator (:mod:`pyro_vae.infer.fast`).
+  functions ``model(x)`` / ``guide(x)`` using ``pyro.module``, handed over as
+  ``program=(model, guide)``.
 
-The hand-written side trains copies of the same networks (same weights) with
-the same estimator written out in tensor ops (:mod:`handwritten`) and the same
-optimizer class and settings (read off the trainer's optimizer: fused Adam),
-on the same index-slice batches.  ``--baselines`` adds Pyro's own
-``<ELBO>.differentiable_loss`` on a copy of the same program with the same
-optimizer.
+The reference is the strongest hand-written script doing the same work
+(:func:`handwritten.train_script`): the same estimator in tensor ops, the same
+optimizer class and settings (``Adam(fused=True)``, read off the trainer), the
+same shuffled index-slice batches of one device tensor, the validation ELBO
+(and the objective's own bound) after each epoch, and a ``torch.save`` of the
+networks and optimizer.  ``hand-written, steps only`` is the same script
+without validation and checkpoint, the floor of any training loop.
+``--baselines`` adds Pyro's own ``SVI`` with ``pyro.optim.Adam`` doing the same
+work (``svi.step`` per batch, ``svi.evaluate_loss`` for validation).
 
-Timing: after a warm-up, each side runs ``--repeats`` rounds against the
-hand-written side, one block of ``--steps`` steps each, in alternating order
-(A B, B A, ...), so a ratio always compares two adjacent blocks.  On CPU each
-step is timed and a block counts as its median step (a burst of load from
-other processes spoils a few steps, not the block); on CUDA a block is timed
-as a whole with one sync at its end.  The table gives the median ratio over
-rounds (side samples/s over hand-written samples/s), its range and its
-interquartile range.
+Every side trains fresh networks on the same ``Dataset`` tensors (loaded once,
+so parsing files is not timed).  Timing: one untimed warm-up run per side, then
+``--repeats`` rounds; in a round every side runs once, in alternating order
+(forward, then backward), and a side's ratio in that round is the hand-written
+script's time over the side's time in the *same* round (1.0 = as fast).  The
+table gives the median over rounds, the range and the interquartile range, and
+the same ratio of process CPU time, which waiting for a core on a shared
+machine does not inflate (with one torch thread, CPU time is the work done).
 
-    python experiments/benchmark.py --threads 1 --baselines --json benchmark.json
+    PYRO_VAE_DATA=path/to/data python experiments/benchmark.py --threads 1 --baselines --json benchmark.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import os
 import platform
@@ -44,7 +46,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -58,26 +59,27 @@ import handwritten  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
+from pyro_vae import Trainer, TrainConfig  # noqa: E402
 from pyro_vae.data import Dataset, load_dataset  # noqa: E402
+from pyro_vae.infer.fast import make_optimizer  # noqa: E402
 from pyro_vae.infer.objectives import make_elbo  # noqa: E402
-from pyro_vae.infer.scale import latent_scale  # noqa: E402
-from pyro_vae.train.config import TrainConfig  # noqa: E402
-from pyro_vae.train.schedules import kl_scale_at  # noqa: E402
-from pyro_vae.train.trainer import Trainer  # noqa: E402
 
 DEFAULT_CASES = ("trace-128", "trace-128-plain", "meanfield-128", "meanfield-128-plain", "iwae50-128",
                  "iwae50-128-plain")
-#: (objective, program) -> the target ratio to the hand-written loop.
-TARGETS = {("trace", "builtin"): 0.95, ("meanfield", "builtin"): 0.95, ("iwae", "builtin"): 0.9,
+#: (objective, program) -> the target ratio to the hand-written script.
+TARGETS = {("trace", "builtin"): 0.95, ("meanfield", "builtin"): 0.95, ("iwae", "builtin"): 0.95,
            ("trace", "plain"): 0.8, ("meanfield", "plain"): 0.8, ("iwae", "plain"): 0.8}
-#: Steps per timed block on CPU (others: 3), a fraction of a second to a few seconds per block.
-CPU_STEPS = {("trace", 128): 30, ("meanfield", 128): 30, ("trace", 1024): 8, ("meanfield", 1024): 8,
-             ("iwae", 128): 6}
-CUDA_STEPS = 100
+#: Training points per case, so that one run takes seconds: all of them for one particle; a
+#: tenth with K = 50, whose steps cost about fifty times more.
+TRAIN_POINTS = {1: 50_000, 50: 5_000}
+VALID_POINTS = {1: 10_000, 50: 1_000}
 HIDDEN, LATENT = 400, 50  # the 784-400-50 MLP
-PYRO_VAE = "pyro-vae Trainer"
-HANDWRITTEN = "hand-written"
+PYRO_VAE = "pyro_vae.train"
+HANDWRITTEN = "hand-written script"
+BARE = "hand-written, steps only"
+PYRO_SVI = "Pyro SVI + pyro.optim.Adam"
 
 
 @dataclass(frozen=True)
@@ -99,15 +101,6 @@ def parse_case(name: str) -> Case:
     return Case(name, objective, int(match[2] or 1), int(match[3]), "plain" if match[4] else "builtin")
 
 
-@dataclass
-class Side:
-    """One way of doing a training step: ``step()`` runs one on ``samples`` points, unsynced."""
-
-    name: str
-    step: Callable[[], object]
-    samples: int
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,11 +119,19 @@ def load_data(data_dir: str | None) -> tuple[Dataset, str]:
         reason = "no --data-dir"
     gen = torch.Generator().manual_seed(0)
     split = {k: torch.bernoulli(torch.full((n, 784), 0.25), generator=gen) for k, n in
-             (("train", 50_000), ("valid", 1000), ("test", 1000))}
+             (("train", 50_000), ("valid", 10_000), ("test", 1000))}
     dataset = Dataset(name="random-binary", train=split["train"], valid=split["valid"], test=split["test"],
                       train_labels=None, valid_labels=None, test_labels=None, image_shape=(28, 28), binary=True,
                       dynamic_binarization=False, num_classes=None)
     return dataset, f"random binary 784-d data ({reason})"
+
+
+def subset(dataset: Dataset, train_points: int, valid_points: int) -> Dataset:
+    """The first points of each split (labels dropped: the cases are unconditional)."""
+    return Dataset(name=dataset.name, train=dataset.train[:train_points], valid=dataset.valid[:valid_points],
+                   test=dataset.test[:1000], train_labels=None, valid_labels=None, test_labels=None,
+                   image_shape=dataset.image_shape, binary=dataset.binary,
+                   dynamic_binarization=dataset.dynamic_binarization, num_classes=None)
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -140,18 +141,22 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-def plain_program(encoder: nn.Module, decoder: nn.Module, latent: int, prefix: str = ""):
-    """The VAE as two plain functions over ``encoder`` (outputs ``[mu, log sigma^2]``) and
-    ``decoder`` (Bernoulli logits), parameters registered with ``pyro.module``."""
+def networks(d: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """A fresh encoder (``[mu, log sigma^2]``) and decoder (Bernoulli logits) of the 784-400-50 MLP."""
+    return mlp([d, HIDDEN, 2 * LATENT]).to(device), mlp([LATENT, HIDDEN, d]).to(device)
+
+
+def plain_program(encoder: nn.Module, decoder: nn.Module, latent: int):
+    """The VAE as two plain functions over ``encoder`` and ``decoder``, registered with ``pyro.module``."""
 
     def model(x):
-        pyro.module(prefix + "decoder", decoder)
+        pyro.module("decoder", decoder)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(latent), 1.0).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
 
     def guide(x):
-        pyro.module(prefix + "encoder", encoder)
+        pyro.module("encoder", encoder)
         with pyro.plate("data", x.shape[0]):
             loc, log_var = encoder(x).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, (0.5 * log_var).exp()).to_event(1))
@@ -159,107 +164,79 @@ def plain_program(encoder: nn.Module, decoder: nn.Module, latent: int, prefix: s
     return model, guide
 
 
-class BatchStream:
-    """The trainer's batching: a permutation per epoch, batches as index slices of one device tensor."""
+# -- sides: each runs a whole training from fresh networks ---------------------------------------
 
-    def __init__(self, x: torch.Tensor, batch: int, seed: int = 0) -> None:
-        self.x, self.batch = x, batch
-        self.gen = torch.Generator(device=x.device).manual_seed(seed)
-        self.batches = x.shape[0] // batch
-        self.position = self.batches
-
-    def next(self) -> torch.Tensor:
-        if self.position == self.batches:
-            self.perm = torch.randperm(self.x.shape[0], generator=self.gen, device=self.x.device)
-            self.position = 0
-        idx = self.perm[self.position * self.batch:(self.position + 1) * self.batch]
-        self.position += 1
-        return self.x[idx]
+def config_for(case: Case, dataset: Dataset, device: torch.device, epochs: int, run_dir: str) -> TrainConfig:
+    return TrainConfig.from_flat(dict(data=dataset.name, latent_dim=LATENT, hidden=[HIDDEN],
+                                      objective=case.objective, particles=case.particles, batch_size=case.batch,
+                                      epochs=epochs, patience=0, device=str(device), progress=False,
+                                      run_dir=run_dir, seed=0))
 
 
-# -- sides -----------------------------------------------------------------------------------------
+def pyro_vae_side(case: Case, dataset: Dataset, device: torch.device, epochs: int, scratch: Path,
+                  record: dict) -> Callable[[], None]:
+    """``pyro_vae.train`` (``Trainer(...).fit()``) into a new run directory; ``record`` gets the loss it chose."""
+    runs = iter(range(10**9))
 
-def make_trainer(case: Case, dataset: Dataset, device: torch.device, run_dir: str):
-    """The trainer for the case, and the (encoder, decoder) networks its program uses."""
-    config = TrainConfig.from_flat(dict(data=dataset.name, latent_dim=LATENT, hidden=[HIDDEN],
-                                        objective=case.objective, particles=case.particles,
-                                        batch_size=case.batch, device=str(device), progress=False,
-                                        run_dir=run_dir, seed=0))
-    pyro.clear_param_store()
-    if case.program == "plain":
-        torch.manual_seed(0)
-        d = dataset.num_features
-        encoder, decoder = mlp([d, HIDDEN, 2 * LATENT]).to(device), mlp([LATENT, HIDDEN, d]).to(device)
-        trainer = Trainer(config, program=plain_program(encoder, decoder, LATENT), dataset=dataset)
-        return trainer, (encoder, decoder)
-    trainer = Trainer(config, dataset=dataset)
-    vae = trainer.program.module
-    return trainer, (vae.encoder.net, vae.decoder.net)
-
-
-def trainer_step(trainer) -> Callable[[tuple, int], torch.Tensor]:
-    """``Trainer.train_step(args, step)``: one step of ``fit``'s loop, through the trainer's loss
-    function and optimizer.  A trainer without it gets the same sequence of calls, as in ``fit``."""
-    hook = getattr(trainer, "train_step", None)
-    if hook is not None:
-        return hook
-    warnings.warn("Trainer has no train_step: stepping trainer.loss_fn and trainer.optimizer as fit does",
-                  stacklevel=2)
-    cfg, program = trainer.config, trainer.program
-
-    def step(args: tuple, number: int) -> torch.Tensor:
-        batch = args[0].shape[0]
-        program.set_progress(number, trainer.steps_per_epoch)
-        with latent_scale(scale=kl_scale_at(number, cfg.beta, cfg.warmup_epochs * trainer.steps_per_epoch)):
-            loss = trainer.loss_fn(program.model, program.guide, *args) / batch
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
-        return loss.detach() * batch
-
-    return step
+    def run() -> None:
+        run_dir = scratch / f"run-{next(runs)}"
+        config = config_for(case, dataset, device, epochs, str(run_dir))
+        program = None
+        if case.program == "plain":
+            pyro.clear_param_store()
+            program = plain_program(*networks(dataset.num_features, device), LATENT)
+        trainer = Trainer(config, program=program, dataset=dataset)  # what train() builds and fits
+        result = trainer.fit()
+        if len(result.history) != epochs:
+            raise RuntimeError(f"pyro_vae.train ran {len(result.history)} of {epochs} epochs")
+        record.setdefault("loss_fn", describe(trainer.loss_fn))
+    return run
 
 
-def pyro_vae_side(trainer, case: Case) -> Side:
-    stream, step, counter = BatchStream(trainer.x_train, case.batch), trainer_step(trainer), itertools.count()
-    return Side(PYRO_VAE, lambda: step((stream.next(),), next(counter)), case.batch)
+def optimizer_factory(device: torch.device) -> Callable:
+    """The trainer's optimizer: :func:`pyro_vae.infer.fast.make_optimizer` (fused Adam), lr 1e-3."""
+    return lambda params: make_optimizer(params, lr=TrainConfig().lr)
 
 
-def same_optimizer(reference: torch.optim.Optimizer) -> Callable:
-    """A factory for the reference optimizer's class with its settings."""
-    return lambda params: type(reference)(params, **reference.defaults)
+def handwritten_side(case: Case, dataset: Dataset, device: torch.device, epochs: int, scratch: Path,
+                     bare: bool = False) -> Callable[[], None]:
+    x_train, x_valid = dataset.train.to(device), dataset.valid.to(device)
+
+    def run() -> None:
+        enc, dec = networks(dataset.num_features, device)
+        handwritten.train_script(enc, dec, x_train, x_valid[:0] if bare else x_valid, case.objective,
+                                 case.particles, case.batch, epochs, optimizer_factory(device),
+                                 checkpoint=None if bare else str(scratch / "handwritten.pt"))
+    return run
 
 
-def handwritten_side(trainer, nets, case: Case) -> Side:
-    enc, dec = (copy.deepcopy(net) for net in nets)
-    hand = handwritten.HandwrittenTrainer(enc, dec, case.objective, case.particles, same_optimizer(trainer.optimizer))
-    stream = BatchStream(trainer.x_train, case.batch)
-    return Side(HANDWRITTEN, lambda: hand.step(stream.next()), case.batch)
+def pyro_svi_side(case: Case, dataset: Dataset, device: torch.device, epochs: int, scratch: Path
+                  ) -> Callable[[], None]:
+    """The loop a Pyro user writes: ``SVI`` with ``pyro.optim.Adam``, validation with
+    ``evaluate_loss``, the parameter store saved after each epoch."""
+    x_train, x_valid = dataset.train.to(device), dataset.valid.to(device)
+
+    def run() -> None:
+        pyro.clear_param_store()
+        model, guide = plain_program(*networks(dataset.num_features, device), LATENT)
+        elbo = make_elbo(case.objective, case.particles)
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": TrainConfig().lr}), elbo)
+        gen = torch.Generator(device=device).manual_seed(0)
+        n = x_train.shape[0]
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen, device=device)
+            for start in range(0, n, case.batch):
+                svi.step(x_train[perm[start:start + case.batch]])
+            for start in range(0, x_valid.shape[0], 1000):
+                svi.evaluate_loss(x_valid[start:start + 1000])
+            pyro.get_param_store().save(str(scratch / "pyro-svi.pt"))
+    return run
 
 
-def pyro_baseline_side(trainer, nets, case: Case) -> Side:
-    """Pyro's ``<ELBO>.differentiable_loss`` on a copy of the program, with the same optimizer."""
-    elbo = make_elbo(case.objective, case.particles)
-    if case.program == "plain":
-        enc, dec = (copy.deepcopy(net) for net in nets)
-        model, guide = plain_program(enc, dec, LATENT, prefix="baseline_")
-        params = [*enc.parameters(), *dec.parameters()]
-    else:
-        vae = copy.deepcopy(trainer.program.module)
-        vae.name = "baseline_vae"  # its own param-store names
-        model, guide, params = vae.model, vae.guide, list(vae.parameters())
-    optimizer = same_optimizer(trainer.optimizer)(params)
-    stream = BatchStream(trainer.x_train, case.batch)
-
-    def step() -> torch.Tensor:
-        x = stream.next()
-        loss = elbo.differentiable_loss(model, guide, x) / x.shape[0]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return Side(f"Pyro {type(elbo).__name__}.differentiable_loss", step, case.batch)
+def describe(loss_fn) -> str:
+    """The name of the loss the trainer chose."""
+    owner = getattr(loss_fn, "__self__", None)
+    return f"{type(owner).__name__}.{loss_fn.__name__}" if owner is not None else repr(loss_fn)
 
 
 # -- timing ----------------------------------------------------------------------------------------
@@ -271,72 +248,54 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def time_block(side: Side, steps: int, device: torch.device) -> float:
-    """Run ``steps`` steps; samples/s of the median step (CPU) or of the whole block (CUDA)."""
+def timed(run: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of ``run()`` (CPU time is what a busy, shared machine
+    inflates least: waiting for a core is not counted)."""
     sync(device)
-    if device.type == "cuda":
-        start = time.perf_counter()
-        for _ in range(steps):
-            side.step()
-        sync(device)
-        return side.samples * steps / (time.perf_counter() - start)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        side.step()
-        times.append(time.perf_counter() - t0)
-    return side.samples / statistics.median(times)
-
-
-def time_against(side: Side, hand: Side, repeats: int, steps: int, device: torch.device) -> list[tuple]:
-    """``repeats`` rounds of (side, hand-written) blocks, alternating which goes first."""
-    rounds = []
-    for r in range(repeats):
-        order = (side, hand) if r % 2 == 0 else (hand, side)
-        speeds = {s.name: time_block(s, steps, device) for s in order}
-        rounds.append((speeds[side.name], speeds[hand.name]))
-    return rounds
-
-
-def describe(loss_fn) -> str:
-    owner = getattr(loss_fn, "__self__", None)
-    return f"{type(owner).__name__}.{loss_fn.__name__}" if owner is not None else repr(loss_fn)
+    start, cpu = time.perf_counter(), time.process_time()
+    run()
+    sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def run_case(case: Case, dataset: Dataset, device: torch.device, args) -> list[dict]:
-    steps = args.steps or (CUDA_STEPS if device.type == "cuda" else CPU_STEPS.get((case.objective, case.batch), 3))
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer, nets = make_trainer(case, dataset, device, run_dir)
-        try:
-            hand = handwritten_side(trainer, nets, case)
-            sides = [pyro_vae_side(trainer, case)]
-            if args.baselines:
-                sides.append(pyro_baseline_side(trainer, nets, case))
-            for side in (hand, *sides):  # warm-up: first calls, allocator
-                for _ in range(args.warmup * steps):
-                    side.step()
-            rows = []
-            for side in sides:
-                rounds = time_against(side, hand, args.repeats, steps, device)
-                ratios = [s / h for s, h in rounds]
-                q1, q3 = quartiles(ratios)
-                target = TARGETS.get((case.objective, case.program)) if side.name == PYRO_VAE else None
-                median = statistics.median(ratios)
-                rows.append({
-                    "case": case.name, "program": case.program, "device": str(device), "side": side.name,
-                    "loss_fn": describe(trainer.loss_fn) if side.name == PYRO_VAE else None,
-                    "samples_per_s": statistics.median(s for s, _ in rounds),
-                    "handwritten_samples_per_s": statistics.median(h for _, h in rounds),
-                    "ratio_median": median, "ratio_min": min(ratios), "ratio_max": max(ratios),
-                    "ratio_q1": q1, "ratio_q3": q3, "ratios": ratios, "steps_per_block": steps,
-                    "target": target, "meets_target": None if target is None else median >= target,
-                    "optimizer": f"{type(trainer.optimizer).__name__}({trainer.optimizer.defaults.get('fused')=})",
-                })
-            return rows
-        finally:
-            close = getattr(trainer, "close", None)
-            if close is not None:
-                close()
+    data = subset(dataset, TRAIN_POINTS.get(case.particles, 5_000), VALID_POINTS.get(case.particles, 1_000))
+    record: dict = {}
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        sides = {PYRO_VAE: pyro_vae_side(case, data, device, args.epochs, scratch, record),
+                 HANDWRITTEN: handwritten_side(case, data, device, args.epochs, scratch),
+                 BARE: handwritten_side(case, data, device, args.epochs, scratch, bare=True)}
+        if args.baselines:
+            sides[PYRO_SVI] = pyro_svi_side(case, data, device, args.epochs, scratch)
+        names = list(sides)
+        for name in names:  # warm-up: first calls, allocator, the CPU's clock
+            sides[name]()
+        times: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
+        for r in tqdm(range(args.repeats), desc=case.name, leave=False):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                wall, used = timed(sides[name], device)
+                times[name].append(wall)
+                cpu[name].append(used)
+    rows = []
+    for name in names:
+        ratios = [h / s for h, s in zip(times[HANDWRITTEN], times[name])]
+        cpu_ratios = [h / s for h, s in zip(cpu[HANDWRITTEN], cpu[name])]
+        q1, q3 = quartiles(ratios)
+        target = TARGETS.get((case.objective, case.program)) if name == PYRO_VAE else None
+        median = statistics.median(ratios)
+        rows.append({
+            "case": case.name, "program": case.program if name != BARE and name != HANDWRITTEN else "-",
+            "device": str(device), "side": name, "loss_fn": record.get("loss_fn") if name == PYRO_VAE else None,
+            "train_points": data.train.shape[0], "valid_points": data.valid.shape[0], "epochs": args.epochs,
+            "seconds_median": statistics.median(times[name]), "seconds": times[name],
+            "ratio_median": median, "ratio_min": min(ratios), "ratio_max": max(ratios), "ratio_q1": q1,
+            "ratio_q3": q3, "ratios": ratios, "cpu_seconds": cpu[name],
+            "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios, "target": target,
+            "meets_target": None if target is None else median >= target,
+        })
+    return rows
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -354,15 +313,16 @@ def machine_info(threads: int) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| case | program | device | side (loss) | samples/s | hand-written samples/s | ratio (median) | "
-             "ratio min-max | ratio IQR | target |", "|---|---|---|---|---:|---:|---:|---|---|---|"]
+    lines = ["| case | device | side (loss) | train / valid points x epochs | s per run (median) | "
+             "speed ratio to the hand-written script (median) | min-max | IQR | CPU-time ratio (median) | target |",
+             "|---|---|---|---|---:|---:|---|---|---:|---|"]
     for r in rows:
         target = "" if r["target"] is None else f"{r['target']:.2f} {'met' if r['meets_target'] else 'NOT met'}"
         side = r["side"] + (f" ({r['loss_fn']})" if r["loss_fn"] else "")
-        lines.append(f"| {r['case']} | {r['program']} | {r['device']} | {side} | {r['samples_per_s']:.0f} | "
-                     f"{r['handwritten_samples_per_s']:.0f} | {r['ratio_median']:.3f} | "
+        lines.append(f"| {r['case']} | {r['device']} | {side} | {r['train_points']} / {r['valid_points']} x "
+                     f"{r['epochs']} | {r['seconds_median']:.2f} | {r['ratio_median']:.3f} | "
                      f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f} | {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | "
-                     f"{target} |")
+                     f"{r['cpu_ratio_median']:.3f} | {target} |")
     return "\n".join(lines)
 
 
@@ -383,20 +343,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default=",".join(DEFAULT_CASES),
                    help="comma-separated cases, e.g. trace-128,trace-128-plain,iwae50-1024 (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=9, help="timed rounds per side and case")
-    p.add_argument("--steps", type=int, default=None, help="training steps per timed block (default: per case)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed blocks per side before timing")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds per case (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per training run (default %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CPU, and CUDA too when available")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     p.add_argument("--data-dir", default=os.environ.get("PYRO_VAE_DATA"),
                    help="folder with binarized-mnist/ (default: $PYRO_VAE_DATA); random binary data when absent")
-    p.add_argument("--baselines", action="store_true",
-                   help="also time Pyro's <ELBO>.differentiable_loss on the same program and optimizer")
+    p.add_argument("--baselines", action="store_true", help="also time Pyro's SVI with pyro.optim.Adam")
     p.add_argument("--json", type=Path, default=None, help="write all results as JSON here")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
-        p.error("--repeats and --steps must be positive, --warmup non-negative")
+    if args.repeats < 1 or args.epochs < 1:
+        p.error(f"--repeats and --epochs must be positive, got {args.repeats} and {args.epochs}")
     try:
         args.case_list = [parse_case(c.strip()) for c in args.cases.split(",") if c.strip()]
     except ValueError as error:

@@ -131,3 +131,46 @@ def importance_log_likelihood(encoder_net: nn.Module, decoder_net: nn.Module, x:
             running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
         out[start:start + batch_size] = running - math.log(num_particles)
     return out
+
+
+@torch.no_grad()
+def validation_bound(encoder_net: nn.Module, decoder_net: nn.Module, x: torch.Tensor, objective: str = "trace",
+                     num_particles: int = 1, batch_size: int = 1000) -> float:
+    """Mean per-point bound of ``objective`` over ``x`` (nats), in batches: the number a training
+    script prints after each epoch.  One host read at the end."""
+    total = x.new_zeros(())
+    for start in range(0, x.shape[0], batch_size):
+        total += negative_elbo_sum(encoder_net, decoder_net, x[start:start + batch_size], objective, num_particles)
+    return -float(total) / x.shape[0]
+
+
+def train_script(encoder_net: nn.Module, decoder_net: nn.Module, x_train: torch.Tensor, x_valid: torch.Tensor,
+                 objective: str, num_particles: int, batch_size: int, epochs: int, optimizer_factory,
+                 checkpoint: str | None = None, seed: int = 0) -> list[float]:
+    """A hand-written training script: ``epochs`` passes over ``x_train`` in shuffled mini-batches
+    (index slices of one device tensor, the last batch partial), then per epoch the validation ELBO
+    (and the objective's own bound when it is not the single-sample ELBO) and, when
+    ``checkpoint`` names a file, ``torch.save`` of the networks and the optimizer.
+
+    Returns the per-epoch validation ELBOs.  With ``checkpoint=None`` and ``x_valid`` empty it is
+    the bare loop: steps only.
+    """
+    trainer = HandwrittenTrainer(encoder_net, decoder_net, objective, num_particles, optimizer_factory)
+    gen = torch.Generator(device=x_train.device).manual_seed(seed)
+    n = x_train.shape[0]
+    history = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen, device=x_train.device)
+        epoch_loss = x_train.new_zeros(())
+        for start in range(0, n, batch_size):
+            epoch_loss += trainer.step(x_train[perm[start:start + batch_size]])
+        float(epoch_loss)  # the epoch's training loss, read once, as a script prints it
+        if x_valid.shape[0]:
+            history.append(validation_bound(encoder_net, decoder_net, x_valid))
+            if objective != "trace" or num_particles != 1:
+                validation_bound(encoder_net, decoder_net, x_valid, objective, num_particles,
+                                 batch_size=max(1, 1000 // num_particles))
+        if checkpoint is not None:
+            torch.save({"encoder": encoder_net.state_dict(), "decoder": decoder_net.state_dict(),
+                        "optimizer": trainer.optimizer.state_dict()}, checkpoint)
+    return history
