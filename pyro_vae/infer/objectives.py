@@ -37,6 +37,7 @@ from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 
+from pyro_vae.infer import kl  # noqa: F401  (registers KL(correlated Gaussian || diagonal Gaussian) for meanfield)
 from pyro_vae.infer.bounds import renyi_bound
 
 OBJECTIVES = ("trace", "meanfield", "renyi", "iwae", "iwae-dreg", "stl", "miwae", "ciwae", "piwae")

@@ -16,7 +16,6 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_vae.infer import kl  # noqa: F401  (registers KL(correlated Gaussian || diagonal Gaussian) for meanfield)
 from pyro_vae.models.networks import encoder_network, output_layer
 
 
