@@ -50,6 +50,10 @@ def two_site_program(seed: int = 0):
     enc, dec = _nets(seed, 3)
     top_enc = nn.Linear(3, 4)
     top_dec = nn.Linear(2, 3)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # every initial value from the seed, none from the global generator
+        for p in (*top_enc.parameters(), *top_dec.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
     def model(x):
         pyro.module("dec", dec)

@@ -7,7 +7,8 @@ import math
 from typing import Callable, Iterable
 
 
-def _int_at_least(text: str, low: int, expected: str) -> int:
+def int_at_least(text: str, low: int, expected: str) -> int:
+    """``text`` as an integer ``>= low``; an ``ArgumentTypeError`` naming it and ``expected`` otherwise."""
     try:
         value = int(text)
     except ValueError:
@@ -18,11 +19,11 @@ def _int_at_least(text: str, low: int, expected: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
+    return int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "an integer >= 0")
+    return int_at_least(text, 0, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:
@@ -56,7 +57,7 @@ def non_negative_float(text: str) -> float:
 
 def seed(text: str) -> int:
     """A random seed: an integer in [0, 2**32 - 1] (what torch and numpy both take)."""
-    value = _int_at_least(text, 0, "a seed (an integer >= 0)")
+    value = int_at_least(text, 0, "a seed (an integer >= 0)")
     if value > 2**32 - 1:
         raise argparse.ArgumentTypeError(f"expected a seed in [0, {2**32 - 1}], got {text}")
     return value

@@ -1,4 +1,4 @@
-"""The ``pyro-vae`` command: ``train | evaluate | compare | sample``, one module per command."""
+"""The ``pyro-vae`` command: ``train | evaluate | compare | sample | snr``, one module per command."""
 
 from __future__ import annotations
 

@@ -39,9 +39,9 @@ def _objective(name: str) -> str:
 
 
 def _at_least_two(text: str) -> int:
-    from pyro_vae.cli.arguments import _int_at_least
+    from pyro_vae.cli.arguments import int_at_least
 
-    return _int_at_least(text, 2, "an integer >= 2")
+    return int_at_least(text, 2, "an integer >= 2")
 
 
 def add_parser(sub) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -36,8 +37,8 @@ import torch
 from torch import nn
 
 import pyro
-from pyro import poutine
 
+from pyro_vae.infer.params import program_parameters as site_parameters
 from pyro_vae.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -163,17 +164,11 @@ def import_program(path: str, input_dim: int, num_classes: int | None = None,
 # -- parameters -------------------------------------------------------------------------------
 
 def program_parameters(program: Program, *args: Any, strict: bool = True) -> dict[str, torch.Tensor]:
-    """Name -> unconstrained tensor of every parameter the guide and the model use on ``args``,
-    found from their ``param`` sites as ``SVI`` finds them (``pyro.module``, ``PyroModule``,
-    ``pyro.param``), plus the owning module's parameters that those runs did not touch.
+    """Name -> unconstrained tensor of every parameter the guide and the model use on ``args``
+    (:func:`pyro_vae.infer.params.program_parameters`: their ``param`` sites, as ``SVI`` finds
+    them), plus the owning module's parameters that those runs did not touch.
     ``strict``: a program without parameters is an error (there is nothing to train)."""
-    with poutine.trace(param_only=True) as capture, torch.no_grad():
-        guide_trace = poutine.trace(program.guide).get_trace(*args)
-        poutine.replay(program.model, trace=guide_trace)(*args)
-    params: dict[str, torch.Tensor] = {}
-    for name, site in capture.trace.nodes.items():
-        value = site["value"]
-        params[name] = value.unconstrained() if hasattr(value, "unconstrained") else value
+    params = dict(site_parameters(program.model, program.guide, *args))
     if program.module is not None:
         seen = {id(p) for p in params.values()}
         for name, p in program.module.named_parameters():
@@ -182,6 +177,34 @@ def program_parameters(program: Program, *args: Any, strict: bool = True) -> dic
     if not params and strict:
         raise ProgramError(f"program {program.name} has no parameters: register networks with pyro.module or "
                            "PyroModule, or use pyro.param")
+    return params
+
+
+def fresh_program_parameters(program: Program, *args: Any, strict: bool = True,
+                             warn_replaced: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`program_parameters` as the program itself initialises them, whatever Pyro's global
+    parameter store already holds.
+
+    ``pyro.module`` and ``pyro.param`` return the store's entry when one of the same name
+    exists, so a store left by another run in this process would make the program read that
+    run's tensors -- and an optimizer step tensors its networks never use.  The parameters are
+    therefore found in an empty store scope and then written into the global store under their
+    names, replacing such entries and keeping every other entry; ``warn_replaced`` names the
+    replaced entries in a warning (for a user's program starting a new run, which might have
+    meant to start from them).
+    """
+    store = pyro.get_param_store()
+    with store.scope() as own:
+        params = program_parameters(program, *args, strict=strict)
+    current = store.get_state()
+    replaced = sorted(set(current["params"]) & set(own["params"]))
+    store.set_state({"params": {**current["params"], **own["params"]},
+                     "constraints": {**current["constraints"], **own["constraints"]}})
+    if replaced and warn_replaced:
+        shown = ", ".join(replaced[:5]) + (f" and {len(replaced) - 5} more" if len(replaced) > 5 else "")
+        warnings.warn(f"Pyro's parameter store held parameters of the same names as program {program.name}'s "
+                      f"({shown}), left by another run in this process; the program uses its own parameters "
+                      "and the store now holds them (to continue a run, resume it instead)", stacklevel=2)
     return params
 
 
@@ -226,9 +249,8 @@ def build_program(config: "TrainConfig", input_dim: int, num_classes: int | None
                   image_shape: tuple[int, ...] | None = None) -> Program:
     """The program a run trains (or reopens): ``config.program`` imported, else the built-in model
     of ``config.model``, for data of ``input_dim`` features (``num_classes`` labels, images of
-    ``image_shape``).  Pyro's global parameter store is emptied first, so a run starts from its
-    own parameters only."""
-    pyro.clear_param_store()
+    ``image_shape``).  Its parameters are bound with :func:`fresh_program_parameters`, so that
+    what Pyro's global parameter store holds from other runs does not leak in."""
     if config.program:
         return import_program(config.program, input_dim, num_classes, image_shape, config.model)
     if config.model.stochastic_layers == 2 and config.objective == "meanfield":

@@ -19,7 +19,7 @@ from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint
 from pyro_vae.train.config import TrainConfig
 from pyro_vae.train.integrity import check_data_fingerprint
-from pyro_vae.train.program import (Program, ProgramError, as_program, build_program, program_parameters,
+from pyro_vae.train.program import (Program, ProgramError, as_program, build_program, fresh_program_parameters,
                                     restore_program_state)
 from pyro_vae.train.trainer import BEST, CHECKPOINT, batch_args, resolve_device
 
@@ -103,7 +103,7 @@ def load_run(run_dir: str | Path, device: str = "auto", which: str = "best", pro
     probe = torch.zeros(2, state["input_dim"], device=dev)
     labels = torch.zeros(2, dtype=torch.long, device=dev) if config.model.conditional else None
     try:
-        params = program_parameters(prog, *batch_args(probe, labels))
+        params = fresh_program_parameters(prog, *batch_args(probe, labels))
         restore_program_state(prog, params, state["program"])
     except ProgramError as e:
         raise CheckpointError(f"{path} does not match the program its config describes: {e}") from None

@@ -57,7 +57,7 @@ from pyro_vae.train.config import RESUMABLE, TrainConfig, check_device_name
 from pyro_vae.train.distributed import WorldSizeChangedWarning, join, rank_seed, shard_bounds
 from pyro_vae.train.integrity import check_data_fingerprint, data_fingerprint
 from pyro_vae.train.memory import check_fits, check_num_classes
-from pyro_vae.train.program import (Program, as_program, build_program, check_program_data, program_parameters,
+from pyro_vae.train.program import (Program, as_program, build_program, check_program_data, fresh_program_parameters,
                                     program_state, restore_program_state)
 from pyro_vae.train.rundir import (RunDirError, RunLock, check_run_dir_usable, create_unique_run_dir, remove_stale_temporaries,
                                    write_atomic, write_status)
@@ -370,7 +370,8 @@ class Trainer:
                               ciwae_beta=config.ciwae_beta)
         self.steps_per_epoch = math.ceil(self.x_train.shape[0] / config.batch_size)
         try:
-            self.params = program_parameters(self.program, *probe)
+            self.params = fresh_program_parameters(self.program, *probe,
+                                                   warn_replaced=not self.built_in and not self.resume)
             # The seam where a faster, equivalent estimator plugs in (see docs/performance.md).
             self.loss_fn = make_loss_fn(self.elbo, self.program.model, self.program.guide,
                                         batch_args(self.x_train, self.y_train))

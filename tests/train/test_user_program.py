@@ -99,3 +99,28 @@ def test_bad_program_paths_are_named(tmp_path, capsys, path, message):
     assert main(["train", "--program", path, "--epochs", "1", "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert message in err and path in err
+
+
+def _networks(program):
+    """The nn.Modules a plain-function program closes over."""
+    model, guide = program
+    cells = [*(model.__closure__ or ()), *(guide.__closure__ or ())]
+    return [c.cell_contents for c in cells if isinstance(c.cell_contents, torch.nn.Module)]
+
+
+def test_a_second_program_of_the_same_names_trains_its_own_networks_not_the_store_of_the_first(tmp_path, digits):
+    """pyro.module returns the parameter store's tensors when names repeat: a second program in the
+    same process must still train (and checkpoint) the tensors its networks use."""
+    cfg = TrainConfig.from_flat(dict(epochs=1, **FAST))
+    train(cfg.replace(run_dir=str(tmp_path / "first")), program=user_programs.two_site_program(), dataset=digits)
+    second = user_programs.two_site_program(seed=3)
+    before = [p.detach().clone() for net in _networks(second) for p in net.parameters()]
+    with pytest.warns(UserWarning, match="parameter store held parameters of the same names"):
+        train(cfg.replace(run_dir=str(tmp_path / "second")), program=second, dataset=digits)
+    after = [p.detach() for net in _networks(second) for p in net.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))  # every tensor was trained
+    saved = _params(tmp_path / "second")
+    used = {id(p): p for net in _networks(second) for p in net.parameters()}
+    assert len(saved) == len(used)
+    for tensor in saved.values():  # the checkpoint holds the trained networks' values
+        assert any(torch.equal(tensor, p.detach()) for p in used.values())
