@@ -12,10 +12,12 @@ import pytest
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
+import architectures  # noqa: E402
 import beta_sweep  # noqa: E402
 import burda_table  # noqa: E402
 import estimators  # noqa: E402
 import priors_guides  # noqa: E402
+import recipe  # noqa: E402
 
 
 def _run(module, out: Path) -> dict:
@@ -27,7 +29,8 @@ def _run(module, out: Path) -> dict:
 
 
 @pytest.mark.parametrize("module, figure", [(estimators, "curves.png"), (priors_guides, None),
-                                            (beta_sweep, "rate_distortion.png"), (burda_table, None)])
+                                            (beta_sweep, "rate_distortion.png"), (burda_table, None),
+                                            (architectures, None), (recipe, None)])
 def test_smoke_run_writes_every_output_and_a_second_start_skips_finished_cells(module, figure, tmp_path):
     data = _run(module, tmp_path)
     assert list(data["cells"]) == list(module.SMOKE_CELLS)
