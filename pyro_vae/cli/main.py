@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
+import tempfile
+import traceback
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,13 +18,15 @@ import torch
 from pyro_vae import __version__
 from pyro_vae.cli import compare, evaluate, sample, snr, train
 from pyro_vae.cli.train import config_from_args  # noqa: F401  (the flags -> TrainConfig step, for tests)
-from pyro_vae.data import DataError
+from pyro_vae.data import DataError, MissingDataError
 from pyro_vae.models.decoders import DataDomainError
 from pyro_vae.train.checkpoint import CheckpointError
 from pyro_vae.train.trainer import Stopped, TrainingDiverged
 
 COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "sample": sample, "snr": snr}
 USER_ERRORS = (ValueError, CheckpointError, DataError, DataDomainError, TrainingDiverged, FileNotFoundError)
+#: Set to 1 to see the traceback of an unexpected error instead of the one-line summary.
+TRACEBACK_ENV_VAR = "PYRO_VAE_TRACEBACK"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return COMMANDS[args.command].run(args)
         except USER_ERRORS as e:
-            print(f"pyro-vae {args.command}: error: {_without_trace_shapes(str(e))}", file=sys.stderr)
+            message = str(e) if isinstance(e, MissingDataError) else one_line(str(e))  # its instructions are lines
+            print(f"pyro-vae {args.command}: error: {message}", file=sys.stderr)
             return 2
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
@@ -50,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except (MemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
-                raise
+                return _unexpected(args.command, e)
             print(f"pyro-vae {args.command}: error: out of memory ({str(e).splitlines()[0] if str(e) else 'no detail'});"
                   " lower the sizes, particles or batch size", file=sys.stderr)
             return 1
@@ -61,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("aborted", file=sys.stderr)
             return 130
+        except Exception as e:  # not foreseen: one line, and the traceback kept in a file
+            return _unexpected(args.command, e)
 
 
 @contextlib.contextmanager
@@ -86,13 +94,38 @@ def _signals_stop():
             signal.signal(signum, handler)
 
 
-def _without_trace_shapes(message: str) -> str:
-    """A message without the table of trace shapes Pyro appends to errors raised inside a trace."""
-    lines = message.splitlines()
-    for i, line in enumerate(lines):
-        if line.strip() == "Trace Shapes:":
-            return "\n".join(lines[:i]).rstrip()
-    return message
+def one_line(message: str) -> str:
+    """``message`` as one line: without the table of trace shapes Pyro appends to errors raised
+    inside a trace, without printed tensors (torch's validation errors show the offending values),
+    and its remaining lines joined."""
+    kept = []
+    for line in message.splitlines():
+        text = line.strip()
+        if text == "Trace Shapes:" or text.startswith("tensor("):
+            break
+        if text:
+            kept.append(text)
+    return " ".join(kept).rstrip(":").strip() or message.strip()
+
+
+def _unexpected(command: str, e: Exception) -> int:
+    """Report an error no handler foresaw in one line -- its type, message and innermost frame,
+    and the file the full traceback was written to -- and return exit status 1 (with
+    ``PYRO_VAE_TRACEBACK=1``: raise it, traceback and all)."""
+    if os.environ.get(TRACEBACK_ENV_VAR, "") not in ("", "0"):
+        raise e
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    try:
+        fd, path = tempfile.mkstemp(prefix="pyro-vae-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(traceback.format_exception(e)))
+        kept = f"; the traceback is in {path}"
+    except OSError:
+        kept = f"; set {TRACEBACK_ENV_VAR}=1 to see the traceback"
+    print(f"pyro-vae {command}: error: unexpected {type(e).__name__}: {one_line(str(e)) or 'no message'}{where}{kept}",
+          file=sys.stderr)
+    return 1
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -74,9 +74,15 @@ def load_evaluation(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise EvaluationMissing(f"{run_dir} has no {EVALUATION_JSON}: run `pyro-vae evaluate {run_dir}` first")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(path.read_bytes())
+    except OSError as e:
+        raise EvaluationMissing(f"{path} cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # invalid JSON, or bytes that are not UTF-8 text
         raise EvaluationMissing(f"{path} is not valid JSON ({e}); run `pyro-vae evaluate {run_dir}` again") from None
+    if not isinstance(value, dict):
+        raise EvaluationMissing(f"{path} holds a JSON {type(value).__name__}, not an evaluation report (an "
+                                f"object); run `pyro-vae evaluate {run_dir}` again")
+    return value
 
 
 # -- formatting -----------------------------------------------------------------------------------
@@ -176,7 +182,9 @@ def compare_row(run_dir: str | Path) -> dict[str, str]:
     the evaluation is stale or the run's training incomplete."""
     ev = load_evaluation(run_dir)
     try:
-        res, cfg = ev["results"], ev.get("config", {})
+        res, cfg = ev["results"], ev.get("config") or {}
+        if not isinstance(cfg, dict):
+            raise TypeError(f"config is a {type(cfg).__name__}")
         psis = res.get("psis")
         latent = res["latent"]
         row = {
@@ -223,9 +231,9 @@ def is_stale(run_dir: str | Path, evaluation: dict[str, Any]) -> bool:
     """True when the checkpoint an evaluation used has changed since (same size and time: unchanged;
     otherwise its checksum decides)."""
     ident = evaluation.get("checkpoint")
-    if not isinstance(ident, dict) or not ident.get("file"):
+    if not isinstance(ident, dict) or not isinstance(ident.get("file"), str) or not ident["file"]:
         return False  # an evaluation that did not record its checkpoint cannot be judged
-    path = Path(run_dir) / ident["file"]
+    path = Path(run_dir) / Path(ident["file"]).name
     try:
         stat = path.stat()
     except OSError:
@@ -272,9 +280,18 @@ def compare_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, str]]:
         try:
             rows.append(compare_row(run_dir))
         except EvaluationMissing as e:
-            notes = run_notes(run_dir)
-            rows.append(_missing_row(run_dir, "; ".join([*notes, f"no numbers: {e}"])))
+            rows.append(_missing_row(run_dir, "; ".join([*_notes_or_none(run_dir), f"no numbers: {e}"])))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # one damaged run never hides the others
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            rows.append(_missing_row(run_dir, f"unreadable run: {reason}"))
     return rows
+
+
+def _notes_or_none(run_dir: str | Path) -> list[str]:
+    try:
+        return run_notes(run_dir)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []
 
 
 def compare_runs(run_dirs: Sequence[str | Path]) -> str:

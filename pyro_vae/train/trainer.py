@@ -57,8 +57,8 @@ from pyro_vae.train.config import RESUMABLE, TrainConfig, check_device_name
 from pyro_vae.train.distributed import WorldSizeChangedWarning, join, rank_seed, shard_bounds
 from pyro_vae.train.integrity import check_data_fingerprint, data_fingerprint
 from pyro_vae.train.memory import check_fits, check_num_classes
-from pyro_vae.train.program import (Program, as_program, build_program, check_program_data, fresh_program_parameters,
-                                    program_state, restore_program_state)
+from pyro_vae.train.program import (Program, ProgramError, as_program, build_program, check_program_data,
+                                    fresh_program_parameters, program_state, restore_program_state)
 from pyro_vae.train.rundir import (RunDirError, RunLock, check_run_dir_usable, create_unique_run_dir, remove_stale_temporaries,
                                    write_atomic, write_status)
 from pyro_vae.train.schedules import kl_scale_at
@@ -378,7 +378,7 @@ class Trainer:
             # The validation ELBO (single-sample Trace_ELBO) through its faster, checked form too.
             self.valid_elbo_fn = self.loss_fn if self._trains_on_the_elbo else make_loss_fn(
                 make_elbo("trace"), self.program.model, self.program.guide, batch_args(self.x_valid, self.y_valid))
-        except (ValueError, RuntimeError) as e:
+        except Exception as e:
             self._explain_first_run(e)
             raise
         self.optimizer = make_optimizer(list(self.params.values()), lr=config.lr)
@@ -418,13 +418,17 @@ class Trainer:
                                  "processes of this run; use fewer processes")
 
     def _explain_first_run(self, error: BaseException) -> None:
-        """When the program cannot even run on the data and the data explain why, say so."""
+        """When the program cannot even run on the data and the data explain why, say so; when a
+        user's program raises on its first run, name the program."""
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
         peak = float(self.x_train.abs().max())
         if peak > DATA_PEAK:
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ValueError(f"the model cannot be run on {self.dataset.name}: its training data reach |x| = "
                              f"{peak:g}, and values this large overflow float32 inside the networks ({first}); "
                              "standardize or rescale the data") from None
+        if (not self.built_in or self.config.program) and not isinstance(error, ValueError):
+            raise ProgramError(f"program {self.program.name} failed on its first run, on 2 points of "
+                               f"{self.dataset.name}: {type(error).__name__}: {first}") from error
 
     @property
     def _trains_on_the_elbo(self) -> bool:

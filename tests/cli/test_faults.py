@@ -1,0 +1,145 @@
+"""Bad inputs and faults as a demanding user meets them: every error is one line that names the
+bad value, with exit status 2 (a bad input) or 1 (the machine refused, or an error nobody
+foresaw, whose traceback is kept in a file); no damaged run hides the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_vae.cli.main import main, one_line
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--epochs", "1", "--latent-dim", "2", "--hidden", "8", "--particles", "2", "--batch-size", "512",
+        "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(cpu_threads):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("faults") / "run"
+    assert main(["train", *FAST, "--run-dir", str(run)]) == 0
+    assert main(["evaluate", str(run), "--particles", "4", "--num-points", "8", "--no-plots", "--no-progress"]) == 0
+    return run
+
+
+def _cli(argv, cwd, pythonpath=(), env=None):
+    """``python -m pyro_vae ARGV`` in a real process: (exit status, stdout, stderr)."""
+    path = os.pathsep.join([*map(str, pythonpath), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", **(env or {})}
+    done = subprocess.run([sys.executable, "-m", "pyro_vae", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+    return done.returncode, done.stdout, done.stderr
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error" in line or "Traceback" in line or line.startswith(" ")]
+
+
+# -- one line per error ------------------------------------------------------------------------------
+
+def test_foreign_multi_line_messages_become_one_line():
+    pyro_message = ("Error while computing log_prob at site 'x':\nExpected value argument (Tensor of shape (2, 3)) "
+                    "to be within the support (Boolean()) of the distribution Bernoulli(), but found invalid "
+                    "values:\ntensor([[0.5000, 0.0000],\n        [0.2500, 1.0000]])\nTrace Shapes:\n Param Sites:")
+    assert one_line(pyro_message) == ("Error while computing log_prob at site 'x': Expected value argument (Tensor "
+                                      "of shape (2, 3)) to be within the support (Boolean()) of the distribution "
+                                      "Bernoulli(), but found invalid values")
+    assert one_line("plain") == "plain"
+
+
+def test_user_programs_that_raise_are_named_in_one_line_from_a_real_process(tmp_path):
+    (tmp_path / "broken_programs.py").write_text(textwrap.dedent("""
+        import pyro, pyro.distributions as dist, torch
+        from torch import nn
+
+        def model(x):
+            raise RuntimeError("this model always fails")
+
+        def guide(x):
+            pass
+
+        class NotBinary(nn.Module):  # a Bernoulli likelihood on grey levels: torch prints the tensor
+            def __init__(self, input_dim):
+                super().__init__()
+                self.dec, self.enc = nn.Linear(2, input_dim), nn.Linear(input_dim, 4)
+
+            def model(self, x):
+                pyro.module("m", self)
+                with pyro.plate("data", x.shape[0]):
+                    z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.).to_event(1))
+                    pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+            def guide(self, x):
+                pyro.module("m", self)
+                loc, s = self.enc(x).chunk(2, -1)
+                with pyro.plate("data", x.shape[0]):
+                    pyro.sample("z", dist.Normal(loc, s.exp()).to_event(1))
+        """))
+    for program, expected in (("broken_programs", "program broken_programs failed on its first run, on 2 points "
+                                                  "of digits: RuntimeError: this model always fails"),
+                              ("broken_programs:NotBinary", "to be within the support")):
+        code, _, err = _cli(["train", *FAST, "--program", program, "--run-dir", str(tmp_path / "r")], tmp_path,
+                            [tmp_path])
+        assert code == 2, err
+        assert expected in err and "Traceback" not in err and "tensor(" not in err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "r").exists()
+
+
+def test_an_error_nobody_foresaw_is_one_line_with_the_traceback_kept(monkeypatch, capsys, tmp_path):
+    def crash(args):
+        return {}["missing key"]
+
+    monkeypatch.setattr("pyro_vae.cli.compare.run", crash)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert main(["compare", "anything"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("pyro-vae compare: error: unexpected KeyError: 'missing key' (at test_faults.py:")
+    kept = Path(err.rsplit("the traceback is in ", 1)[1])
+    assert kept.parent == tmp_path and "Traceback (most recent call last)" in kept.read_text()
+    monkeypatch.setenv("PYRO_VAE_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        main(["compare", "anything"])
+
+
+# -- compare shows every run it can -------------------------------------------------------------------
+
+def test_compare_shows_every_run_whatever_the_damage_to_the_others(run, tmp_path, capsys):
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    damaged = {
+        "not_utf8": b"\xff\xfe{",
+        "a_list": b"[]",
+        "a_string": b'"text"',
+        "odd_checkpoint": json.dumps({**evaluation, "checkpoint": {"file": 5}}).encode(),
+        "odd_config": json.dumps({**evaluation, "config": [1]}).encode(),
+        "no_latent": json.dumps({**evaluation, "results": {**evaluation["results"], "latent": None}}).encode(),
+    }
+    dirs = []
+    for name, content in damaged.items():
+        shutil.copytree(run, tmp_path / name)
+        (tmp_path / name / "evaluation.json").write_bytes(content)
+        dirs.append(str(tmp_path / name))
+    (tmp_path / "odd_config" / "status.json").write_text('{"state": 5, "epoch": [1]}')
+    assert main(["compare", str(run), *dirs]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert " ± " in rows[str(run)]  # the good run keeps its numbers
+    assert "not valid JSON" in rows[dirs[0]] and "holds a JSON list" in rows[dirs[1]]
+    assert "holds a JSON str" in rows[dirs[2]]
+    assert " ± " in rows[dirs[3]]  # an unreadable checkpoint record is not judged; the numbers stay
+    assert "lacks an expected entry" in rows[dirs[4]] and "lacks an expected entry" in rows[dirs[5]]
