@@ -24,7 +24,7 @@ from typing import Any
 
 import tomllib
 
-from pyro_vae.infer.objectives import GROUPED_OBJECTIVES
+from pyro_vae.infer.objectives import GROUPED_OBJECTIVES, OBJECTIVES
 from pyro_vae.models.config import ModelConfig
 
 #: Seeds go to torch and numpy; numpy takes 32-bit seeds.
@@ -93,6 +93,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """Build from :meth:`to_dict`'s form (a nested ``model``) or the flat form of the flags."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a config must be a table of options, got {_describe(values)}")
         values = dict(values)
         model = values.pop("model", None)
         if isinstance(model, ModelConfig):
@@ -123,7 +125,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check types and ranges that would otherwise fail deep inside training."""
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(f"model must be a ModelConfig (e.g. ModelConfig(latent_dim=...)), got "
+                             f"{_describe(self.model)}")
         check_types(self.to_flat(), field_types())
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; expected one of {', '.join(OBJECTIVES)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size}
         if self.particles is not None:
             positive["particles"] = self.particles
@@ -264,23 +271,44 @@ def _flatten_toml(path: Path, values: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(value, dict):
             raise ValueError(f"config file {path} has a table [{key}]; expected options at top level or in "
                              "[train] (and [model])")
+        elif key in ("train", "model"):
+            raise ValueError(f"config file {path}: {key} must be a table [{key}] of options, got {_describe(value)}")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            raise ValueError(f"config file {path} has an array of tables [[{key}]]; expected options at top level "
+                             "or in one table [train] (and [model])")
         else:
             add(key, value, repr(key))
     return {name: value for name, (_, value) in found.items()}
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config: flat keys at top level or under ``[train]`` (model keys also under ``[model]``)."""
+    """Read a TOML config: flat keys at top level or under ``[train]`` (model keys also under ``[model]``).
+
+    Every key and value is checked here, against the options' names and types, so a bad value
+    in the file is refused by the file's name even where a flag would override it.  A UTF-8
+    byte-order mark (as some editors write) is skipped.
+    """
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            values = tomllib.load(f)
+        text = path.read_bytes().decode("utf-8-sig")
+        values = tomllib.loads(text)
     except FileNotFoundError:
         raise ValueError(f"config file {path} does not exist") from None
     except IsADirectoryError:
         raise ValueError(f"config file {path} is a directory; expected a TOML file") from None
     except OSError as e:
         raise ValueError(f"config file {path} cannot be read: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text, as TOML must be ({e})") from None
+    except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config file {path} is not valid TOML: {e}") from None
-    return _flatten_toml(path, values)
+    flat = _flatten_toml(path, values)
+    known = TrainConfig.field_names() | ModelConfig.field_names()
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown config key(s) {', '.join(unknown)}; valid keys are "
+                         f"{', '.join(sorted(known))}")
+    try:
+        return check_types(flat, field_types())
+    except ValueError as e:
+        raise ValueError(f"config file {path}: {e}") from None

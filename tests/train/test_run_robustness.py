@@ -8,6 +8,7 @@ stays fast on a busy machine.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -343,6 +344,38 @@ def test_toml_model_table_and_dashes_are_read(tmp_path):
     path = tmp_path / "ok.toml"
     path.write_text('[model]\nlatent-dim = 2\nhidden = [8]\n[train]\nepochs = 1\n')
     assert load_toml(path) == {"latent_dim": 2, "hidden": [8], "epochs": 1}
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a byte-order mark, as some editors write
+    assert load_toml(path) == {"latent_dim": 2, "hidden": [8], "epochs": 1}
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("hidden = [16, 'a']", "hidden[1] must be an integer, got 'a' (str)"),
+    ("progress = 'false'", "progress must be true or false, got 'false' (str)"),
+    ("epochs = 1.0", "epochs must be an integer, got 1.0 (float)"),
+    ("particles = true", "particles must be an integer, got True (bool)"),
+    ("model = 3", "model must be a table [model] of options, got 3 (int)"),
+    ("[[train]]\nepochs = 1", "train must be a table [train] of options"),
+    ("[[runs]]\nepochs = 1", "has an array of tables [[runs]]"),
+    ("latent_size = 3", "unknown config key(s) latent_size"),
+])
+def test_a_bad_value_in_a_config_file_is_refused_by_the_file_even_where_a_flag_overrides_it(tmp_path, capsys,
+                                                                                          toml, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml + "\n")
+    flags = ["--hidden", "8", "--no-progress", "--epochs", "1", "--particles", "2"]
+    err = _error(["train", "--config", str(path), *flags, "--run-dir", str(tmp_path / "r")], capsys)
+    assert f"config file {path}" in err and message in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_configs_from_python_are_checked_like_files():
+    for make, message in ((lambda: TrainConfig(model={"latent_dim": 3}), "model must be a ModelConfig"),
+                          (lambda: TrainConfig(objective="elbo"), "unknown objective 'elbo'; expected one of trace"),
+                          (lambda: TrainConfig.from_dict("nonsense"), "a config must be a table of options, got "
+                                                                      "'nonsense' (str)"),
+                          (lambda: TrainConfig.from_dict(None), "a config must be a table of options, got None")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make().validate()
 
 
 @pytest.mark.parametrize("flags,message", [
