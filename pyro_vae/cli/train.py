@@ -137,6 +137,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if "run_dir" in flags and Path(flags["run_dir"]).resolve() != run_dir.resolve():
             raise ValueError(f"--run-dir {flags['run_dir']} differs from --resume {args.resume}; a resumed run "
                              "continues in its own directory (omit --run-dir)")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise CheckpointError(f"cannot resume {run_dir}: it is a file, not a run directory; pass the folder "
+                                  f"that holds {CHECKPOINT}")
         if not (run_dir / CHECKPOINT).is_file():
             raise CheckpointError(f"cannot resume: no {CHECKPOINT} in {run_dir}"
                                   + ("" if run_dir.is_dir() else " (the directory does not exist)"))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .errors import ChecksumError, DataError, DownloadError, MissingDataError
 from .formats import is_gzip, maybe_gunzip
-from .paths import DATA_ENV_VAR
+from .paths import DATA_ENV_VAR, new_file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def _fetch(url: str, remote: RemoteFile, dest_dir: pathlib.Path, timeout: float)
     fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{remote.name}.", suffix=".part")
     tmp = pathlib.Path(tmp_name)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             headers = getattr(response, "headers", None)
             length = headers.get("Content-Length") if headers is not None else None

@@ -1,4 +1,4 @@
-"""Where data files live: the data-folder resolution rule."""
+"""Where data files live (the data-folder resolution rule), and the permissions new files get."""
 
 from __future__ import annotations
 
@@ -31,3 +31,23 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> pathlib.
     else:
         path = default_cache_dir()
     return path.expanduser().absolute()
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back at once
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (``0o666`` less the umask).  Atomic writes go through
+    ``tempfile.mkstemp``, whose files are private (``0o600``); they take this mode before the
+    rename, so a run or a data file others may read is not left readable by its writer alone."""
+    return 0o666 & ~_umask()

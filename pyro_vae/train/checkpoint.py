@@ -12,6 +12,7 @@ pickled code, and checks a format marker so a foreign file gets a clear error.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pyro_vae.data.paths import new_file_mode
 from pyro_vae.train.integrity import ALGORITHM, state_digest
 
 FORMAT = "pyro-vae-checkpoint"
@@ -46,6 +48,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     checksum = {"algorithm": ALGORITHM, "digest": state_digest(state)}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, "version": VERSION, "checksum": checksum, **state}, f)
             f.flush()
@@ -86,7 +89,47 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("program", "config", "input_dim"):
         if key not in state:
             raise CheckpointError(f"{path} lacks the {key!r} entry; it is incomplete")
+    check_entries(state, path)
     return state
+
+
+def _count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_entries(state: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint whose entries the commands read are of the wrong kind (a file another
+    program wrote in this format, or a version that stored them otherwise), naming the entry,
+    instead of failing later deep inside a picture or a resumed step."""
+    def bad(key: str, expected: str) -> CheckpointError:
+        value = state.get(key)
+        shown = f"{value!r}"[:80]
+        return CheckpointError(f"{path} has an invalid {key!r} entry: {shown} ({type(value).__name__}); expected "
+                               f"{expected}; it was not written by this pyro-vae")
+
+    if not _count(state["input_dim"], 1):
+        raise bad("input_dim", "a positive integer, the features per data point")
+    if not _count(state.get("num_classes", 0) or 0, 0):
+        raise bad("num_classes", "an integer >= 0")
+    shape = state.get("image_shape") or []
+    if not (isinstance(shape, (list, tuple)) and all(_count(s, 1) for s in shape)
+            and (not shape or math.prod(shape) == state["input_dim"])):
+        raise bad("image_shape", f"a list of positive sizes whose product is input_dim={state['input_dim']}, or []")
+    if not isinstance(state["config"], dict):
+        raise bad("config", "a table of options")
+    program = state["program"]
+    if not (isinstance(program, dict) and isinstance(program.get("params"), dict)
+            and all(isinstance(v, torch.Tensor) for v in program["params"].values())
+            and isinstance(program.get("buffers", {}), dict)):
+        raise bad("program", "a table with the program's parameters by name ('params') and its buffers")
+    for key in ("epoch", "batch", "step"):
+        if key in state and not _count(state[key], 0):
+            raise bad(key, "an integer >= 0")
+    for key in ("built_in", "stopped_early"):
+        if key in state and not isinstance(state[key], bool):
+            raise bad(key, "true or false")
+    if not isinstance(state.get("data_fingerprint") or {}, dict):
+        raise bad("data_fingerprint", "a table of digests by split")
 
 
 def verify_checksum(state: dict[str, Any], path: str | Path) -> None:

@@ -19,12 +19,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from pyro_vae.data.paths import new_file_mode
 
 try:
     import fcntl
@@ -45,9 +48,17 @@ class RunDirError(ValueError):
     """A path cannot be used as a run directory."""
 
 
+def safe_stem(stem: str) -> str:
+    """``stem`` as one path component: runs of characters other than letters, digits, ``.``, ``_``
+    and ``-`` (path separators, blanks, ...) become one ``-``; ``run`` when nothing is left."""
+    return re.sub(r"[^\w.-]+", "-", stem).strip(".-")[:80] or "run"
+
+
 def create_unique_run_dir(parent: str | Path, stem: str) -> Path:
     """Create and return a new directory ``parent/STEM-YYYYmmdd-HHMMSS-XXXX`` (random hex suffix);
-    an existing name is never reused."""
+    an existing name is never reused.  ``stem`` is made one path component (:func:`safe_stem`), so a
+    data name with a slash never names a folder that does not exist."""
+    stem = safe_stem(stem)
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -184,6 +195,7 @@ def write_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import pathlib
+import stat
 import struct
 import urllib.error
 import urllib.request
@@ -389,8 +390,14 @@ def test_some_files_missing_names_only_those(tmp_path: pathlib.Path, fake_mnist:
 
 def test_download_lands_verified_and_loads(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, fake_mnist: dict[str, bytes]) -> None:
     requested = serve(monkeypatch, fake_mnist)
-    ds = load_dataset("mnist", tmp_path)
+    previous = os.umask(0o022)
+    try:
+        ds = load_dataset("mnist", tmp_path)
+    finally:
+        os.umask(previous)
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(u.rsplit("/", 1)[1] for u in fake_mnist)
+    # downloaded files are readable as any new file is (not private to the downloader, as mkstemp makes them)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "mnist").iterdir()} == {0o644}
     assert len(requested) == 4
     # The values: pixels / 255, valid = the last MNIST_VALID_SIZE (patched: 2) training images.
     images = FAKE_MNIST["train_images"].reshape(12, -1) / 255.0

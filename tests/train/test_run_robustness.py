@@ -8,7 +8,9 @@ stays fast on a busy machine.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import time
 
 import pytest
@@ -20,7 +22,7 @@ from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_che
 from pyro_vae.train.config import RESUMABLE, TrainConfig, load_toml
 from pyro_vae.train.integrity import DataChangedError, check_data_fingerprint, data_fingerprint, state_digest
 from pyro_vae.train.memory import TooLarge
-from pyro_vae.train.rundir import RunLock, create_unique_run_dir, is_locked, run_status
+from pyro_vae.train.rundir import RunLock, create_unique_run_dir, is_locked, run_status, write_atomic
 from pyro_vae.train.trainer import Trainer, TrainingDiverged, train
 
 TINY = dict(latent_dim=2, hidden=[8], batch_size=256, progress=False, patience=0)
@@ -53,6 +55,29 @@ def test_default_run_dirs_are_unique_within_one_second(tmp_path, monkeypatch):
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")  # every name in the same second
     dirs = {create_unique_run_dir(tmp_path / "runs", "digits-trace") for _ in range(50)}
     assert len(dirs) == 50 and all(d.is_dir() for d in dirs)
+
+
+def test_default_run_dir_names_are_one_folder_whatever_the_data_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert create_unique_run_dir(tmp_path, "my data/set.v2-trace").name.startswith("my-data-set.v2-trace-")
+    assert create_unique_run_dir(tmp_path, "../..").parent == tmp_path
+    # an unknown data name with a slash is named as unknown, not as a folder that cannot be made
+    err = _error(["train", *FLAGS, "--data", "some/where.csv"], capsys)
+    assert "unknown data set 'some/where.csv'" in err
+
+
+def test_files_of_a_run_are_as_readable_as_any_new_file(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "status.json", "{}")
+        save_checkpoint({"program": {"params": {}}, "config": {}, "input_dim": 1}, tmp_path / "checkpoint.pt")
+        os.umask(0o077)
+        write_atomic(tmp_path / "private.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "status.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "checkpoint.pt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
 
 
 def test_a_run_dir_is_locked_while_written_and_released_after(tmp_path, digits):
@@ -225,6 +250,30 @@ def test_a_flipped_bit_in_a_weight_is_refused_by_name(one_epoch_run, tmp_path, c
         assert f"{run / 'best.pt'} is corrupt" in err and "checksum" in err
     _flip_one_bit_of_a_weight(run / "checkpoint.pt")
     assert "checkpoint.pt is corrupt" in _error(["train", "--resume", str(run), "--epochs", "2"], capsys)
+
+
+@pytest.mark.parametrize("change,entry", [
+    ({"input_dim": "abc"}, "input_dim"),
+    ({"input_dim": 0}, "input_dim"),
+    ({"image_shape": [3, 3]}, "image_shape"),
+    ({"num_classes": -1}, "num_classes"),
+    ({"config": "nonsense"}, "config"),
+    ({"program": {"params": {"w": [1.0]}}}, "program"),
+    ({"epoch": "x"}, "epoch"),
+    ({"built_in": 1}, "built_in"),
+])
+def test_a_checkpoint_with_entries_of_the_wrong_kind_is_refused_by_entry(one_epoch_run, tmp_path, capsys, change,
+                                                                          entry):
+    run = _copy(one_epoch_run, tmp_path)
+    state = load_checkpoint(run / "best.pt")
+    save_checkpoint({**state, **change}, run / "best.pt")  # a valid checksum over entries of the wrong kind
+    err = _error(["sample", str(run), "--num", "2"], capsys)
+    assert f"{run / 'best.pt'} has an invalid {entry!r} entry" in err
+
+
+def test_resuming_a_file_says_it_is_a_file(one_epoch_run, capsys):
+    err = _error(["train", "--resume", str(one_epoch_run / "config.json")], capsys)
+    assert "it is a file, not a run directory" in err
 
 
 def test_checksums_cover_every_value_and_survive_a_round_trip(tmp_path):
