@@ -50,6 +50,8 @@ class Dataset:
                 raise DataError(f"{where}: expected a float32 tensor of shape (N, D), got {desc}")
             if x.shape[0] == 0:
                 raise DataError(f"{where}: no examples")
+            if x.shape[1] == 0:
+                raise DataError(f"{where}: examples of 0 features; expected at least one value per example")
             if num_features is None:
                 num_features = x.shape[1]
             elif x.shape[1] != num_features:

@@ -177,12 +177,20 @@ def read_array_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     if suffix not in (".npy", ".npz"):
         raise DataError(f"{path}: expected a .npy or .npz file")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)  # by content: an .npz archive or one .npy array
+        is_archive = isinstance(loaded, np.lib.npyio.NpzFile)
+        if is_archive != (suffix == ".npz"):
+            if is_archive:
+                loaded.close()
+            held, name = ("an .npz archive", ".npz") if is_archive else ("one .npy array", ".npy")
+            raise DataError(f"{path}: the file holds {held}, not what its suffix {suffix} says; rename it to {name}")
         if suffix == ".npy":
             return {"": np.asarray(loaded)}
         with loaded as archive:
             return {key: archive[key] for key in archive.files}
+    except DataError:
+        raise
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
-    except (OSError, ValueError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot read as {suffix} ({exc})") from exc
+    except Exception as exc:  # numpy, zipfile and zlib raise many types for damaged or foreign files
+        raise DataError(f"{path}: cannot read as {suffix} ({type(exc).__name__}: {exc})") from exc

@@ -67,8 +67,19 @@ def load_dataset(
 # --------------------------------------------------------------------------- helpers
 
 
-def _features(x: np.ndarray) -> torch.Tensor:
-    """(N, ...) array -> contiguous, writable float32 tensor (N, D)."""
+#: The largest float32: values beyond it become infinite when data are converted.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _features(x: np.ndarray, where: str = "data") -> torch.Tensor:
+    """(N, ...) array -> contiguous, writable float32 tensor (N, D); finite values too large for
+    float32 are refused by name rather than turned into infinities."""
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4 and x.size:
+        finite = x[np.isfinite(x)]
+        peak = float(np.abs(finite).max()) if finite.size else 0.0
+        if peak > FLOAT32_MAX:
+            raise DataError(f"{where}: values reach |x| = {peak:g}, beyond float32's largest {FLOAT32_MAX:.3g}, "
+                            "which pyro-vae computes in; rescale the data")
     flat = np.array(x.reshape(x.shape[0], -1), dtype=np.float32, copy=True)
     return torch.from_numpy(flat)
 
@@ -270,6 +281,8 @@ def _check_array(array: np.ndarray, where: str, *, labels_for: int | None = None
         raise DataError(f"{where}: labels must be integers, got dtype {array.dtype}")
     if array.size and array.min() < 0:
         raise DataError(f"{where}: labels must be >= 0")
+    if array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise DataError(f"{where}: label {int(array.max())} does not fit in int64; relabel the classes 0..K-1")
     return array.astype(np.int64)
 
 
@@ -316,7 +329,7 @@ def _load_array_file(path: pathlib.Path, name: str, valid_fraction: float, seed:
                     f"{path}: split {split!r} has examples of shape {features[split].shape[1:]}, "
                     f"train has {source_shape[1:]}"
                 )
-    xs = {split: _features(features[split]) for split in SPLITS}
+    xs = {split: _features(features[split], f"{path} (split {split!r})") for split in SPLITS}
     ys = {split: None if labels[split] is None else _labels(labels[split]) for split in SPLITS}
     image_shape = (int(source_shape[1]), int(source_shape[2])) if len(source_shape) == 3 else None
     return Dataset(

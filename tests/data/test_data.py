@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import pathlib
+import re
 import stat
 import struct
 import urllib.error
@@ -533,6 +534,31 @@ def test_npz_mismatched_shapes_and_missing_file(tmp_path: pathlib.Path) -> None:
         load_dataset(str(tmp_path / "p.npz"))
     with pytest.raises(DataError, match="not found"):
         load_dataset(str(tmp_path / "nope.npy"))
+
+
+def test_damaged_foreign_and_unrepresentable_array_files_are_refused_by_name(tmp_path: pathlib.Path) -> None:
+    x = np.ones((40, 3), np.float32)
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 not a zip archive")
+    np.savez(tmp_path / "crc.npz", x=x)
+    data = bytearray((tmp_path / "crc.npz").read_bytes())
+    data[200] ^= 0xFF  # a flipped byte inside the stored array: a bad CRC-32
+    (tmp_path / "crc.npz").write_bytes(bytes(data))
+    np.savez(tmp_path / "archive.npy", x=x)  # np.savez keeps the name it is given
+    (tmp_path / "archive.npy.npz").rename(tmp_path / "archive.npy")
+    np.save(tmp_path / "array.npy", x)
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    np.save(tmp_path / "no_features.npy", np.zeros((40, 0), np.float32))
+    np.save(tmp_path / "huge.npy", np.full((40, 3), 1e300))
+    np.savez(tmp_path / "wide_labels.npz", x=x, y=np.full(40, 2**63 + 5, dtype=np.uint64))
+    for name, message in (("garbage.npz", "cannot read as .npz (BadZipFile"),
+                          ("crc.npz", "Bad CRC-32"),
+                          ("archive.npy", "holds an .npz archive, not what its suffix .npy says; rename it to .npz"),
+                          ("array.npz", "holds one .npy array, not what its suffix .npz says; rename it to .npy"),
+                          ("no_features.npy", "examples of 0 features"),
+                          ("huge.npy", "values reach |x| = 1e+300, beyond float32's largest"),
+                          ("wide_labels.npz", "label 9223372036854775813 does not fit in int64")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_dataset(str(tmp_path / name))
 
 
 # --------------------------------------------------------------------------- Dataset
