@@ -73,6 +73,18 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _check_fits(run_, particles: list[int], points: int, data) -> None:
+    """Refuse a K whose one gradient draw cannot fit in memory, before drawing it."""
+    from pyro_vae.train.memory import check_fits, step_floats_per_pair
+
+    built_in = run_.state.get("built_in", True) and not run_.config.program
+    per_pair = (step_floats_per_pair(run_.config.model, data.num_features, data.image_shape) if built_in
+                else 3 * data.num_features)
+    k = max(particles)
+    check_fits(4.0 * k * points * per_pair, f"one gradient draw of K={k} particles x {points} points x "
+               f"{data.num_features} features", "lower --particles or --batch-size", run_.device)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -86,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         x = torch.bernoulli(x, generator=torch.Generator().manual_seed(args.seed))
     y = None if data.train_labels is None else data.train_labels[:args.batch_size].to(run_.device)
     batch = run_.args(x.to(run_.device), y)
+    _check_fits(run_, args.particles, x.shape[0], data)
     run_.program.train(True)  # the gradients a training step takes (e.g. relaxed discrete latents)
     results = snr_sweep(run_.program.model, run_.program.guide, *batch, objectives=args.objectives,
                         particles=args.particles, draws=args.draws, groups=args.groups, alpha=args.alpha,

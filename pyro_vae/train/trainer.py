@@ -56,7 +56,7 @@ from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_che
 from pyro_vae.train.config import RESUMABLE, TrainConfig, check_device_name
 from pyro_vae.train.distributed import WorldSizeChangedWarning, join, rank_seed, shard_bounds
 from pyro_vae.train.integrity import check_data_fingerprint, data_fingerprint
-from pyro_vae.train.memory import check_fits, check_num_classes
+from pyro_vae.train.memory import check_fits, check_num_classes, model_parts, step_floats_per_pair
 from pyro_vae.train.program import (Program, ProgramError, as_program, build_program, check_program_data,
                                     fresh_program_parameters, program_state, restore_program_state)
 from pyro_vae.train.rundir import (RunDirError, RunLock, check_run_dir_usable, create_unique_run_dir, remove_stale_temporaries,
@@ -234,35 +234,6 @@ def evaluate_loss(loss_fn: Callable[..., torch.Tensor], program: Program, x: tor
         loss = loss_fn(program.model, program.guide, *batch_args(x[start:start + batch_size], yb)).detach()
         total = loss if total is None else total + loss
     return float(total) / x.shape[0]
-
-
-def _model_parts(config: TrainConfig, input_dim: int, num_classes: int) -> dict[str, int]:
-    """A lower bound of the built-in model's parameter count, by part (the weights of its main layers)."""
-    m = config.model
-    c = num_classes if m.conditional else 0
-    hidden = [] if getattr(m, "network", "mlp") == "conv" else list(m.hidden)
-
-    def chain(*widths: int) -> int:
-        return sum(a * b for a, b in zip(widths, widths[1:]))
-
-    parts = {f"encoder ({input_dim} features -> hidden {hidden} -> latent_dim {m.latent_dim})":
-             chain(input_dim + c, *hidden, 2 * m.latent_dim),
-             f"decoder (latent_dim {m.latent_dim} -> hidden {hidden[::-1]} -> {input_dim} features)":
-             chain(m.latent_dim + c, *reversed(hidden), input_dim)}
-    if m.prior == "vamp":
-        parts[f"pseudo_inputs {m.pseudo_inputs} x {input_dim} features"] = m.pseudo_inputs * input_dim
-    if m.prior == "mixture":
-        dim = getattr(m, "prior_latent_dim", m.latent_dim)
-        parts[f"mixture_components {m.mixture_components} x latent_dim {dim}"] = 2 * m.mixture_components * dim
-    if m.prior == "flow" or m.guide == "iaf":
-        parts[f"flow_steps {m.flow_steps} x flow_hidden {m.flow_hidden} x latent_dim {m.latent_dim}"] = \
-            m.flow_steps * 3 * m.flow_hidden * m.latent_dim
-    if m.guide == "full":
-        parts[f"full covariance of latent_dim {m.latent_dim}"] = (hidden[-1] if hidden else 1) * m.latent_dim ** 2
-    if getattr(m, "stochastic_layers", 1) == 2:
-        parts[f"top layers (hidden {m.top_hidden}, top_latent_dim {m.top_latent_dim})"] = \
-            2 * chain(m.latent_dim, *m.top_hidden, 2 * m.top_latent_dim)
-    return parts
 
 
 class Trainer:
@@ -445,14 +416,14 @@ class Trainer:
         cfg, d = self.config, self.dataset.num_features
         k, b = self.particles, min(cfg.batch_size, self.dataset.train.shape[0])
         m = cfg.model
-        if built_in:
+        if built_in and not cfg.program:
             classes = (self.dataset.num_classes or 0) if m.conditional else 0
-            parts = _model_parts(cfg, d, classes)
+            parts = model_parts(m, d, classes, self.dataset.image_shape)
             largest = max(parts, key=parts.get)
             # weights, gradients and Adam's two moments: 4 float32 copies
             check_fits(16.0 * sum(parts.values()), f"the model, mostly its {largest},",
                        "choose smaller sizes", self.device)
-            per_pair = 3 * d + (0 if getattr(m, "network", "mlp") == "conv" else 2 * sum(m.hidden)) + 4 * m.latent_dim
+            per_pair = step_floats_per_pair(m, d, self.dataset.image_shape)
         else:
             per_pair = 3 * d
         check_fits(4.0 * k * b * per_pair,
