@@ -112,6 +112,8 @@ PART_KWARGS = ("input_dim", "latent_dim", "hidden", "activation", "condition_dim
 
 #: Batch size of the probe that checks a user's part.
 PROBE_BATCH = 3
+#: Particles of the probe that checks a user's decoder broadcasts a leading particle dimension.
+PROBE_PARTICLES = 2
 
 _IDENTIFIERS = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 _IMPORT_PATH = re.compile(rf"({_IDENTIFIERS}):({_IDENTIFIERS})")
@@ -203,17 +205,23 @@ def _probe_labels(num_classes: int) -> torch.Tensor | None:
     return nn.functional.one_hot(torch.arange(PROBE_BATCH) % num_classes, num_classes).to(torch.get_default_dtype())
 
 
-def check_part_output(result: Any, where: str, call: str, event_shape: tuple[int, ...] | None = None
-                      ) -> Distribution:
-    """Check that a part's ``forward`` returned a distribution with batch shape ``(PROBE_BATCH,)``
-    (and ``event_shape`` where given); raise :class:`PartError` saying what came back otherwise."""
+def check_part_output(result: Any, where: str, call: str, event_shape: tuple[int, ...] | None = None,
+                      batch_shape: tuple[int, ...] = (PROBE_BATCH,)) -> Distribution:
+    """Check that a part's ``forward`` returned a distribution with batch shape ``batch_shape``
+    (the probe batch, and a leading particle dimension where the probe has one) and ``event_shape``
+    where given; raise :class:`PartError` saying what came back otherwise."""
     if not isinstance(result, Distribution):
         raise PartError(f"{where}: {call} returned a {type(result).__name__}; expected a "
                         "torch.distributions.Distribution (e.g. a pyro.distributions one)")
-    if tuple(result.batch_shape) != (PROBE_BATCH,):
-        raise PartError(f"{where}: {call} returned a distribution with batch shape {tuple(result.batch_shape)}; "
-                        f"expected ({PROBE_BATCH},), the batch (put per-point dimensions in the event shape, "
-                        "e.g. with .to_event(1))")
+    if tuple(result.batch_shape) != tuple(batch_shape):
+        hint = ("a decoder must broadcast a leading particle dimension: z of shape (particles, batch, ...) "
+                "gives batch shape (particles, batch)" if len(batch_shape) > 1 else
+                "the batch (put per-point dimensions in the event shape, e.g. with .to_event(1))")
+        raise PartError(f"{where}: {call} on z of shape {tuple(batch_shape)} + latent returned a distribution with "
+                        f"batch shape {tuple(result.batch_shape)}; expected {tuple(batch_shape)}, {hint}"
+                        if len(batch_shape) > 1 else
+                        f"{where}: {call} returned a distribution with batch shape {tuple(result.batch_shape)}; "
+                        f"expected {tuple(batch_shape)}, {hint}")
     if event_shape is not None and tuple(result.event_shape) != event_shape:
         raise PartError(f"{where}: {call} returned a distribution with event shape {tuple(result.event_shape)}; "
                         f"expected {event_shape}, one flat data point")
@@ -242,15 +250,17 @@ def build_user_part(value: str, option: str, offered: dict[str, Any]) -> nn.Modu
 
 
 def _probe(value: str, option: str, part: nn.Module, call: str, *args: Any,
-           event_shape: tuple[int, ...] | None = None) -> Distribution:
+           event_shape: tuple[int, ...] | None = None, batch_shape: tuple[int, ...] = (PROBE_BATCH,)
+           ) -> Distribution:
     where = f"--{option} {value!r}"
+    on = f"a batch of {PROBE_BATCH}" + (f" with {batch_shape[0]} particles" if len(batch_shape) > 1 else "")
     with _probing(part):
         try:
             result = part(*args)
         except Exception as error:
-            raise PartError(f"{where}: probing {call} on a batch of {PROBE_BATCH} failed with "
+            raise PartError(f"{where}: probing {call} on {on} failed with "
                             f"{type(error).__name__}: {error}") from error
-        return check_part_output(result, where, call, event_shape)
+        return check_part_output(result, where, call, event_shape, batch_shape)
 
 
 def _offered(config: ModelConfig, input_dim: int, k: int, image_shape: ImageShape, latent_dim: int,
@@ -335,8 +345,11 @@ def _build_decoder(config: ModelConfig, input_dim: int, k: int, image_shape: Ima
     if is_import_path(config.decoder) and latents is not None:
         with _probing(decoder):
             z = latents.sample()
-        _probe(config.decoder, "decoder", decoder, "forward(z, y)", z, _probe_labels(k),
-               event_shape=(input_dim,))
+            zs = latents.sample((PROBE_PARTICLES,))
+        labels = _probe_labels(k)
+        _probe(config.decoder, "decoder", decoder, "forward(z, y)", z, labels, event_shape=(input_dim,))
+        _probe(config.decoder, "decoder", decoder, "forward(z, y)", zs, labels, event_shape=(input_dim,),
+               batch_shape=(PROBE_PARTICLES, PROBE_BATCH))
     return decoder
 
 

@@ -143,3 +143,27 @@ def test_compare_shows_every_run_whatever_the_damage_to_the_others(run, tmp_path
     assert "holds a JSON str" in rows[dirs[2]]
     assert " ± " in rows[dirs[3]]  # an unreadable checkpoint record is not judged; the numbers stay
     assert "lacks an expected entry" in rows[dirs[4]] and "lacks an expected entry" in rows[dirs[5]]
+
+
+# -- a user's part is held to the protocol when it is built -------------------------------------------
+
+def test_a_decoder_that_does_not_broadcast_particles_is_named_when_built(tmp_path, monkeypatch, capsys):
+    (tmp_path / "flat_decoders.py").write_text(textwrap.dedent("""
+        import pyro.distributions as dist
+        from torch import nn
+
+        class FlatOnly(nn.Module):  # reshapes z to (batch, latent): the particle dimension is lost
+            def __init__(self, latent_dim, input_dim):
+                super().__init__()
+                self.layer = nn.Linear(latent_dim, input_dim)
+
+            def forward(self, z, y=None):
+                return dist.Bernoulli(logits=self.layer(z.reshape(z.shape[0], -1)[:, :self.layer.in_features])
+                                      ).to_event(1)
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["train", *FAST, "--decoder", "flat_decoders:FlatOnly", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--decoder 'flat_decoders:FlatOnly': forward(z, y) on z of shape (2, 3) + latent returned a " \
+           "distribution with batch shape (2,); expected (2, 3), a decoder must broadcast a leading particle" in err
+    assert not (tmp_path / "r").exists()
