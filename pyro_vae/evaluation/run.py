@@ -22,6 +22,8 @@ of one process with the same chunk plan.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,8 +84,13 @@ def evaluate(run_dir: str | Path, particles: int = DEFAULT_PARTICLES, *, num_poi
     rank 0 alone writes it.
     """
     t_start = time.perf_counter()
-    if num_points is not None and (isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1):
-        raise ValueError(f"num_points must be a positive integer (or None for the whole test set), got {num_points!r}")
+    check_arguments(particles=particles, num_points=num_points, iwae_ks=iwae_ks, alphas=alphas,
+                    max_memory_mb=max_memory_mb, seed=seed, export_indices=export_indices,
+                    posterior_samples=posterior_samples)
+    particles, seed, posterior_samples = int(particles), int(seed), int(posterior_samples)  # numpy integers too
+    num_points = None if num_points is None else int(num_points)
+    iwae_ks, alphas = [int(k) for k in iwae_ks], [float(a) for a in alphas]
+    export_indices = None if export_indices is None else [int(i) for i in export_indices]
     world = join(resolve_device(device), device)
     run = load_run(run_dir, str(world.device) if world.distributed else device, program=program)
     out = Path(out_dir) if out_dir else run.run_dir
@@ -98,6 +105,39 @@ def evaluate(run_dir: str | Path, particles: int = DEFAULT_PARTICLES, *, num_poi
     finally:
         if lock is not None:
             lock.release()
+
+
+def _is_count(value: Any, low: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def check_arguments(*, particles: Any, num_points: Any, iwae_ks: Any, alphas: Any, max_memory_mb: Any, seed: Any,
+                    export_indices: Any, posterior_samples: Any) -> None:
+    """Refuse an argument of :func:`evaluate` of the wrong type or range by its name, before the run
+    is opened or anything is computed (the command line's flags are checked as they are parsed)."""
+    def finite(x: Any) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+    problems = []
+    if not _is_count(particles, 1):
+        problems.append(f"particles must be a positive integer, got {particles!r}")
+    if num_points is not None and not _is_count(num_points, 1):
+        problems.append(f"num_points must be a positive integer (or None for the whole test set), got {num_points!r}")
+    if isinstance(iwae_ks, (str, bytes)) or not all(_is_count(k, 1) for k in iwae_ks):
+        problems.append(f"iwae_ks must be positive integers, got {iwae_ks!r}")
+    if isinstance(alphas, (str, bytes)) or not all(finite(a) for a in alphas):
+        problems.append(f"alphas must be finite numbers, got {alphas!r}")
+    if not (finite(max_memory_mb) and max_memory_mb > 0):
+        problems.append(f"max_memory_mb must be a positive finite number, got {max_memory_mb!r}")
+    if not (_is_count(seed, 0) and seed <= 2**32 - 1):
+        problems.append(f"seed must be an integer in [0, {2**32 - 1}], got {seed!r}")
+    if export_indices is not None and (isinstance(export_indices, (str, bytes))
+                                       or not all(_is_count(i, 0) for i in export_indices)):
+        problems.append(f"export_indices must be test-point indices >= 0, got {export_indices!r}")
+    if not _is_count(posterior_samples, 1):
+        problems.append(f"posterior_samples must be a positive integer, got {posterior_samples!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _claim_output(run: Run, out: Path) -> RunLock | None:

@@ -250,6 +250,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, program: Any = None, dataset: Dataset | None = None,
                  resume: bool = False, keep_lock: bool = False) -> None:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__} {config!r:.60}")
+        if dataset is not None and not isinstance(dataset, Dataset):
+            raise TypeError(f"dataset must be a pyro_vae.data.Dataset (or None, to load config.data), got "
+                            f"{type(dataset).__name__} {dataset!r:.60}")
         config.validate()
         self.config = config
         self.resume = resume

@@ -167,3 +167,46 @@ def test_a_decoder_that_does_not_broadcast_particles_is_named_when_built(tmp_pat
     assert "--decoder 'flat_decoders:FlatOnly': forward(z, y) on z of shape (2, 3) + latent returned a " \
            "distribution with batch shape (2,); expected (2, 3), a decoder must broadcast a leading particle" in err
     assert not (tmp_path / "r").exists()
+
+
+# -- the Python API names its bad arguments -------------------------------------------------------------
+
+@pytest.mark.parametrize("change,message", [
+    ({"alphas": [float("nan")]}, "alphas must be finite numbers, got [nan]"),
+    ({"seed": -1}, "seed must be an integer in [0, 4294967295], got -1"),
+    ({"posterior_samples": 0}, "posterior_samples must be a positive integer, got 0"),
+    ({"particles": 5.5}, "particles must be a positive integer, got 5.5"),
+    ({"max_memory_mb": float("inf")}, "max_memory_mb must be a positive finite number, got inf"),
+    ({"export_indices": [-1]}, "export_indices must be test-point indices >= 0, got [-1]"),
+    ({"iwae_ks": "5"}, "iwae_ks must be positive integers, got '5'"),
+])
+def test_evaluate_refuses_bad_arguments_by_name_before_opening_the_run(monkeypatch, change, message):
+    import numpy as np
+
+    from pyro_vae.evaluation.run import evaluate
+
+    monkeypatch.setattr("pyro_vae.evaluation.run.load_run", lambda *a, **k: pytest.fail("opened the run"))
+    with pytest.raises(ValueError) as e:
+        evaluate("any run", **{"particles": np.int64(4), **change})
+    assert message in str(e.value)
+
+
+def test_evaluate_takes_numpy_integers(run, tmp_path):
+    import numpy as np
+
+    from pyro_vae.evaluation.run import evaluate
+
+    report = evaluate(run, np.int64(4), num_points=np.int32(5), iwae_ks=[np.int64(2)], seed=np.uint8(3),
+                      plots_=False, out_dir=tmp_path)
+    assert report["results"]["num_points"] == 5 and report["num_particles"] == 4
+
+
+def test_train_refuses_a_config_or_data_set_of_the_wrong_kind(tmp_path):
+    from pyro_vae import TrainConfig, train
+
+    with pytest.raises(TypeError, match="config must be a TrainConfig, got str"):
+        train("epochs=1")
+    with pytest.raises(TypeError, match=r"dataset must be a pyro_vae.data.Dataset \(or None, to load config.data\), "
+                                        "got str 'digits'"):
+        train(TrainConfig(epochs=1, progress=False, run_dir=str(tmp_path / "r")), dataset="digits")
+    assert not (tmp_path / "r").exists()
