@@ -21,7 +21,7 @@ from pyro_vae.cli.train import config_from_args  # noqa: F401  (the flags -> Tra
 from pyro_vae.data import DataError, MissingDataError
 from pyro_vae.models.decoders import DataDomainError
 from pyro_vae.train.checkpoint import CheckpointError
-from pyro_vae.train.trainer import Stopped, TrainingDiverged
+from pyro_vae.train.trainer import STOP_SIGNALS, Stopped, TrainingDiverged
 
 COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "sample": sample, "snr": snr}
 USER_ERRORS = (ValueError, CheckpointError, DataError, DataDomainError, TrainingDiverged, FileNotFoundError)
@@ -73,15 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _signals_stop():
-    """While a command runs, SIGTERM and SIGHUP raise :class:`Stopped` (the training loop installs
-    its own handlers, which stop after the current step and save)."""
+    """While a command runs, every stop signal of the training loop (SIGTERM, SIGHUP, SIGUSR1/2,
+    SIGXCPU: what schedulers send ahead of a limit) raises :class:`Stopped`, so it unwinds, removing
+    temporary files and releasing locks, instead of killing the process; Ctrl-C raises
+    ``KeyboardInterrupt`` as usual.  The training loop installs its own handlers, which stop after
+    the current step and save."""
     def stop(signum, frame):
         raise Stopped(signum)
 
     previous = {}
-    for name in ("SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        if signum is None:
+    for signum in STOP_SIGNALS:
+        if signum == signal.SIGINT:
             continue
         try:
             previous[signum] = signal.signal(signum, stop)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -209,4 +211,33 @@ def test_train_refuses_a_config_or_data_set_of_the_wrong_kind(tmp_path):
     with pytest.raises(TypeError, match=r"dataset must be a pyro_vae.data.Dataset \(or None, to load config.data\), "
                                         "got str 'digits'"):
         train(TrainConfig(epochs=1, progress=False, run_dir=str(tmp_path / "r")), dataset="digits")
+    assert not (tmp_path / "r").exists()
+
+
+# -- every stop signal unwinds, outside the training loop too --------------------------------------------
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGXCPU])
+def test_a_scheduler_signal_before_training_unwinds_and_leaves_no_run_dir(tmp_path, signum):
+    """SIGUSR1/2 and SIGXCPU stop training with a checkpoint; before the loop (here: while the
+    program is built) they must unwind the same way, not kill the process with a half-made run."""
+    (tmp_path / "slow_factory.py").write_text(textwrap.dedent(f"""
+        import pathlib, time
+
+        def make():
+            pathlib.Path({str(tmp_path / 'building')!r}).touch()
+            time.sleep(60)
+        """))
+    path = os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    child = subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", *FAST, "--program", "slow_factory:make",
+                              "--run-dir", str(tmp_path / "r")], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "building").exists():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.02)
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 128 + signum, err
+    assert err.strip() == f"pyro-vae train: stopped by {signal.Signals(signum).name}; nothing half-written was left"
     assert not (tmp_path / "r").exists()
