@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import Callable, Iterable
+
+#: What a negative number looks like on the command line, exponents and infinities included
+#: (argparse alone takes ``-1e-3`` or ``-inf`` for an unknown option and says the flag before it
+#: lacks its value).
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def accept_negative_numbers(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` and its subcommands read every negative number as a value (``--alpha -1e-3``),
+    so the flag's own type check names it rather than argparse missing it."""
+    if hasattr(parser, "_negative_number_matcher"):
+        parser._negative_number_matcher = NEGATIVE_NUMBER
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                accept_negative_numbers(sub)
 
 
 def int_at_least(text: str, low: int, expected: str) -> int:

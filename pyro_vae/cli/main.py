@@ -17,6 +17,7 @@ import torch
 
 from pyro_vae import __version__
 from pyro_vae.cli import compare, evaluate, sample, snr, train
+from pyro_vae.cli.arguments import accept_negative_numbers
 from pyro_vae.cli.train import config_from_args  # noqa: F401  (the flags -> TrainConfig step, for tests)
 from pyro_vae.data import DataError, MissingDataError
 from pyro_vae.models.decoders import DataDomainError
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS.values():
         command.add_parser(sub)
+    accept_negative_numbers(parser)
     return parser
 
 

@@ -54,7 +54,11 @@ def load_dataset(
     text = os.fspath(name)
     key = text.strip().lower().replace("_", "-")
     if key in _BUILTIN:
-        return _BUILTIN[key](resolve_data_dir(data_dir), download, fraction, int(split_seed))
+        root = resolve_data_dir(data_dir)
+        if root.exists() and not root.is_dir():
+            raise DataError(f"the data folder {root} is a file; choose a folder with --data-dir DIR or the "
+                            "PYRO_VAE_DATA environment variable")
+        return _BUILTIN[key](root, download, fraction, int(split_seed))
     if pathlib.Path(text).suffix.lower() in _ARRAY_SUFFIXES:
         path = _find_array_file(text, data_dir)
         return _load_array_file(path, text, fraction, int(split_seed))

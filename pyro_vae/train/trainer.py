@@ -828,6 +828,11 @@ class Trainer:
                          "use a larger --sigma-x")
         if cfg.beta > 1e3:
             found.append(f"beta = {cfg.beta:g} is extreme")
+        if cfg.objective == "renyi" and cfg.alpha is not None and abs(cfg.alpha) > 1e3:
+            found.append(f"alpha = {cfg.alpha:g} is extreme: the Renyi bound weighs log-weights by (1 - alpha), "
+                         "which overflows")
+        if self.built_in and "categorical" in (m.prior, m.guide) and m.temperature > 1e3:
+            found.append(f"temperature = {m.temperature:g} is extreme for the Gumbel-Softmax relaxation")
         if first_step:
             lead = ("It happened at the first step, before any parameter update, so the learning rate is not the "
                     "cause: the model gives a non-finite loss on this data at its initial parameters.")

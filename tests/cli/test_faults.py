@@ -241,3 +241,36 @@ def test_a_scheduler_signal_before_training_unwinds_and_leaves_no_run_dir(tmp_pa
     assert child.returncode == 128 + signum, err
     assert err.strip() == f"pyro-vae train: stopped by {signal.Signals(signum).name}; nothing half-written was left"
     assert not (tmp_path / "r").exists()
+
+
+# -- values as a user types them ------------------------------------------------------------------------
+
+def test_negative_numbers_in_scientific_notation_are_values_not_options(capsys):
+    from pyro_vae.cli.main import build_parser
+
+    args = build_parser().parse_args(["train", "--objective", "renyi", "--alpha", "-1e-3", "--temperature", "-2E2"])
+    assert args.alpha == -1e-3 and args.temperature == -200.0
+    assert build_parser().parse_args(["evaluate", "run", "--alphas", "-1e-1", "0.5"]).alphas == [-0.1, 0.5]
+    for flags, message in ((["--lr", "-1e-3"], "argument --lr: expected a positive finite number, got -1e-3"),
+                           (["--alpha", "-inf"], "argument --alpha: expected a finite number, got -inf")):
+        with pytest.raises(SystemExit):
+            main(["train", *flags])
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,cause", [
+    (["--objective", "renyi", "--alpha", "1e300"], "Likely cause: alpha = 1e+300 is extreme"),
+    (["--prior", "categorical", "--guide", "categorical", "--temperature", "1e300"],
+     "Likely cause: temperature = 1e+300 is extreme"),
+])
+def test_a_divergence_from_an_extreme_option_names_it(tmp_path, capsys, flags, cause):
+    assert main(["train", *FAST, *flags, "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "at the first step" in err and cause in err and "No checkpoint was written" in err
+
+
+def test_a_data_folder_that_is_a_file_is_named(tmp_path, capsys):
+    (tmp_path / "data").write_text("not a folder")
+    assert main(["train", *FAST, "--data", "mnist", "--data-dir", str(tmp_path / "data"),
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    assert f"the data folder {tmp_path / 'data'} is a file" in capsys.readouterr().err
