@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,7 +43,7 @@ from pyro_vae.evaluation.report import checkpoint_identity, jsonable, package_ve
 from pyro_vae.train.distributed import World, join
 from pyro_vae.train.memory import check_fits
 from pyro_vae.train.program import check_program_data
-from pyro_vae.train.rundir import RunLock
+from pyro_vae.train.rundir import RunLock, read_metrics
 from pyro_vae.train.runs import Run, load_run
 from pyro_vae.train.trainer import resolve_device
 
@@ -242,6 +244,20 @@ def report_json(report: dict[str, Any]) -> str:
     return json.dumps(jsonable(report), indent=2, allow_nan=False)
 
 
+def _plot_training_curves(metrics: Path, path: Path) -> Path | None:
+    """The training curves from the rows of ``metrics`` that can be read: a line torn by a kill or
+    damaged otherwise is left out (and said), never the picture."""
+    rows, skipped = read_metrics(metrics)
+    if not skipped:
+        return plots.plot_training_curves(metrics, path)
+    warnings.warn(f"{metrics}: {skipped} line(s) are not rows of metrics (torn by a kill, or edited); the "
+                  "training curves show the other rows", stacklevel=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = Path(tmp) / metrics.name
+        clean.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return plots.plot_training_curves(clean, path)
+
+
 def write_pictures(run: Run, data, evaluation: EvaluationResult, x: torch.Tensor, labels: torch.Tensor | None,
                    seed: int, out: Path | None = None, errors: list[tuple[str, str]] | None = None
                    ) -> dict[str, Path]:
@@ -277,8 +293,8 @@ def write_pictures(run: Run, data, evaluation: EvaluationResult, x: torch.Tensor
         attempt("latent_traversals", plots.TRAVERSALS, lambda: plots.plot_latent_traversals(
             run.program, mean0, ranked, out / plots.TRAVERSALS, run.image_shape or data.image_shape, y=y0,
             scores=[score[j] for j in ranked], site=latent.site, input_dim=data.num_features))
-    attempt("training_curves", plots.CURVES,
-            lambda: plots.plot_training_curves(run.run_dir / "metrics.jsonl", out / plots.CURVES))
+    attempt("training_curves", plots.CURVES, lambda: _plot_training_curves(run.run_dir / "metrics.jsonl",
+                                                                          out / plots.CURVES))
     if evaluation.khat is not None:
         attempt("khat_histogram", plots.KHAT_HISTOGRAM,
                 lambda: plots.plot_khat_histogram(evaluation.khat, out / plots.KHAT_HISTOGRAM))

@@ -73,7 +73,11 @@ def create_unique_run_dir(parent: str | Path, stem: str) -> Path:
 
 
 def check_run_dir_usable(path: Path) -> None:
-    """Refuse a path that is a file, or a non-empty directory that holds no pyro-vae run."""
+    """Refuse a path that is a file, a symbolic link to nothing, or a non-empty directory that
+    holds no pyro-vae run."""
+    if path.is_symlink() and not path.exists():
+        raise RunDirError(f"run directory {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                          "create that folder or choose another --run-dir")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run directory {path} exists and is not a directory; choose another --run-dir")
     if path.is_dir():
@@ -203,6 +207,37 @@ def write_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+#: Entries of a metrics row the trainer writes and the readers use, all numbers.
+METRIC_KEYS = ("epoch", "step", "train_loss", "valid_elbo", "valid_bound")
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The rows of a ``metrics.jsonl``, one per epoch in order (an epoch written twice keeps its
+    last row), and the number of lines skipped: a line torn by a kill, or one that is not a row
+    of numbers the trainer writes (an edit by hand, a disk error)."""
+    rows: dict[int, dict[str, Any]] = {}
+    skipped = 0
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            good = isinstance(row, dict) and all(
+                isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for k in METRIC_KEYS)
+            good = good and isinstance(row["epoch"], int) and row["epoch"] >= 1
+        except ValueError:
+            good = False
+        if good:
+            rows[row["epoch"]] = row
+        else:
+            skipped += 1
+    return [rows[e] for e in sorted(rows)], skipped
 
 
 def write_status(run_dir: str | Path, state: str, **fields: Any) -> None:

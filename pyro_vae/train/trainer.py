@@ -59,8 +59,8 @@ from pyro_vae.train.integrity import check_data_fingerprint, data_fingerprint
 from pyro_vae.train.memory import check_fits, check_num_classes, model_parts, step_floats_per_pair
 from pyro_vae.train.program import (Program, ProgramError, as_program, build_program, check_program_data,
                                     fresh_program_parameters, program_state, restore_program_state)
-from pyro_vae.train.rundir import (RunDirError, RunLock, check_run_dir_usable, create_unique_run_dir, remove_stale_temporaries,
-                                   write_atomic, write_status)
+from pyro_vae.train.rundir import (RunDirError, RunLock, check_run_dir_usable, create_unique_run_dir, read_metrics,
+                                   remove_stale_temporaries, write_atomic, write_status)
 from pyro_vae.train.schedules import kl_scale_at
 
 CHECKPOINT = "checkpoint.pt"
@@ -507,19 +507,10 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def _truncate_metrics(self, epochs_done: int) -> None:
-        """Keep the rows of the epochs a checkpoint covers, each once, and drop a torn last line."""
-        path = self.run_dir / METRICS
-        rows: dict[int, str] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                    epoch = int(row["epoch"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-                if 1 <= epoch <= epochs_done:
-                    rows[epoch] = json.dumps(row)
-        write_atomic(path, "".join(rows[e] + "\n" for e in sorted(rows)))
+        """Keep the rows of the epochs a checkpoint covers, each once, and drop a torn last line
+        or any other line that is not a row of metrics (:func:`~pyro_vae.train.rundir.read_metrics`)."""
+        rows, _ = read_metrics(self.run_dir / METRICS)
+        write_atomic(self.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows if r["epoch"] <= epochs_done))
 
     def _status(self, state: str, epoch: int, **extra: Any) -> None:
         if not self.world.is_main:

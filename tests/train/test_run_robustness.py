@@ -222,6 +222,27 @@ def test_resume_truncates_metrics_to_the_checkpoint_and_removes_temporary_files(
     assert run_status(run)["state"] == "finished"
 
 
+def test_lines_that_are_not_metrics_rows_are_dropped_on_resume_and_left_out_of_the_curves(one_epoch_run, tmp_path,
+                                                                                           capsys):
+    run = _copy(one_epoch_run, tmp_path)
+    metrics = run / "metrics.jsonl"
+    row = metrics.read_text().splitlines()[0]
+    junk = ['garbage', '{"epoch": "x"}', '{"epoch": 1, "valid_elbo": "nan"}', '[1, 2]', '\x00\x01', '{"epoch": 2, "tr']
+    metrics.write_text("\n".join([row, *junk]) + "\n")
+    assert main(["evaluate", str(run), "--particles", "4", "--num-points", "4", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "6 line(s) are not rows of metrics" in err and (run / "training_curves.png").is_file()
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0] == json.loads(row)  # the real row, not the edited one
+
+
+def test_a_run_dir_that_is_a_link_to_nothing_is_named(tmp_path, capsys):
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    err = _error(["train", *FLAGS, "--epochs", "1", "--run-dir", str(tmp_path / "link")], capsys)
+    assert f"is a symbolic link to {tmp_path / 'gone'}, which does not exist" in err
+
+
 def test_a_fresh_run_in_a_directory_left_without_checkpoint_starts_clean_metrics(tmp_path, digits):
     run = tmp_path / "r"
     run.mkdir()
