@@ -11,13 +11,16 @@ a cell whose training was interrupted resumes from its checkpoint.
 
 Every script takes ``--seed``, ``--device``, ``--data-dir``, ``--out`` and
 ``--smoke`` (a seconds-long run on the embedded 8x8 digits, what the test
-suite runs), and shows a progress bar over its cells.
+suite runs), and shows a progress bar over its cells.  ``--cells`` runs some
+cells only; several processes with the same ``--out`` may each run their own,
+since a cell is merged into ``results.json`` under a file lock.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -61,6 +64,9 @@ def experiment_parser(description: str, default_out: str) -> argparse.ArgumentPa
                         "easier than the rest, so a subset is not comparable with full-test-set numbers)")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on the 8x8 digits (for tests)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--cells", nargs="+", metavar="KEY", default=None,
+                   help="run only these cells (keys as in results.json); scripts with the same --out and "
+                        "different --cells may run at once, each adding its cells to the one results.json")
     return p
 
 
@@ -102,7 +108,8 @@ class Results:
         self.data: dict[str, Any] = {}
         if self.path.is_file():
             self.data = json.loads(self.path.read_text())
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "progress"}
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    if k not in ("progress", "cells")}
         if self.data and self.data.get("settings") != settings:
             raise SystemExit(f"{self.path} holds results of other settings ({self.data.get('settings')}); "
                              "use another --out, or delete it to start again")
@@ -116,10 +123,18 @@ class Results:
     def cells(self) -> dict[str, dict[str, Any]]:
         return self.data["cells"]
 
-    def add(self, key: str, row: dict[str, Any]) -> None:
-        self.cells[key] = row
-        self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        self.save()
+    def add(self, key: str, row: dict[str, Any], order: Sequence[str] = ()) -> None:
+        """Record cell ``key``, merged with the cells other processes wrote meanwhile, in ``order``."""
+        with open(self.out / ".results.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                on_disk = json.loads(self.path.read_text()).get("cells", {})
+                self.data["cells"] = {**on_disk, **self.cells}
+            self.cells[key] = row
+            rank = {k: i for i, k in enumerate(order)}
+            self.data["cells"] = dict(sorted(self.cells.items(), key=lambda item: rank.get(item[0], len(rank))))
+            self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            self.save()
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".json.tmp")
@@ -199,17 +214,22 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
               after: Callable[[Results], None] | None = None) -> None:
-    """Run every cell ``results`` lacks, saving after each; ``after(results)`` redraws the tables."""
-    todo = [cell for cell in cells if cell.key not in results.cells]
+    """Run every cell ``results`` lacks (of ``args.cells`` only, when given), saving after each;
+    ``after(results)`` redraws the tables."""
     keys = [cell.key for cell in cells]
     if len(set(keys)) != len(keys):
         raise ValueError(f"cell keys must be unique, got {keys}")
+    wanted = getattr(args, "cells", None)
+    unknown = sorted(set(wanted or ()) - set(keys))
+    if unknown:
+        raise SystemExit(f"--cells: no cell named {', '.join(unknown)}; the cells are {', '.join(keys)}")
+    todo = [cell for cell in cells if cell.key not in results.cells and (not wanted or cell.key in wanted)]
     bar = tqdm(todo, desc=results.data["experiment"], unit="cell", disable=not args.progress, dynamic_ncols=True)
     for cell in bar:
         bar.set_postfix_str(cell.key)
         pyro.clear_param_store()
         try:
-            results.add(cell.key, run_cell(cell, args))
+            results.add(cell.key, run_cell(cell, args), order=keys)
         except CheckpointError as error:
             raise SystemExit(f"cell {cell.key}: {error}") from None
         if after is not None:

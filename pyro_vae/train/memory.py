@@ -130,7 +130,7 @@ def code_width(model: "ModelConfig") -> int:
 def model_parts(model: "ModelConfig", input_dim: int, num_classes: int = 0,
                 image_shape: Sequence[int] | None = None) -> dict[str, int]:
     """The built-in model's parameter count by part, from its sizes alone (nothing is allocated):
-    the weights of its linear layers, which every size of :class:`ModelConfig` enters.  Within a
+    the weights of its linear layers, which every size of :class:`~pyro_vae.models.config.ModelConfig` enters.  Within a
     factor of two of the real count wherever one size dominates (see the tests)."""
     m = model
     c = num_classes if m.conditional else 0

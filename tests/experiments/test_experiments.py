@@ -68,3 +68,17 @@ def test_burda_schedule_keeps_the_stages_and_scales_the_passes(budget, epochs):
         assert [e for e, _ in stages] == [3**i for i in range(8)]
     with pytest.raises(ValueError, match="budget"):
         burda_table.schedule(0.0)
+
+
+def test_cells_run_apart_land_in_one_results_file_in_table_order(tmp_path):
+    first, second = burda_table.SMOKE_CELLS[1], burda_table.SMOKE_CELLS[0]
+    common = ["--smoke", "--no-progress", "--out", str(tmp_path), "--cells"]
+    assert burda_table.main(common + [first]) == 0
+    assert list(json.loads((tmp_path / "results.json").read_text())["cells"]) == [first]
+    assert burda_table.main(common + [second]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data["cells"]) == [second, first]
+    table_lines = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(table_lines) == 1 + 2  # the header and both cells
+    with pytest.raises(SystemExit, match="no cell named 9layer"):
+        burda_table.main(common + ["9layer-vae-k1"])
