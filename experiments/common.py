@@ -125,14 +125,24 @@ class Results:
 
     def add(self, key: str, row: dict[str, Any], order: Sequence[str] = ()) -> None:
         """Record cell ``key``, merged with the cells other processes wrote meanwhile, in ``order``."""
+        def change(data: dict[str, Any]) -> None:
+            data["cells"][key] = row
+            rank = {k: i for i, k in enumerate(order)}
+            data["cells"] = dict(sorted(data["cells"].items(), key=lambda item: rank.get(item[0], len(rank))))
+        self._update(change)
+
+    def set(self, name: str, value: Any) -> None:
+        """Record a result that belongs to no cell (a figure's numbers), merged like :meth:`add`."""
+        self._update(lambda data: data.__setitem__(name, value))
+
+    def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
         with open(self.out / ".results.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self.path.is_file():
-                on_disk = json.loads(self.path.read_text()).get("cells", {})
-                self.data["cells"] = {**on_disk, **self.cells}
-            self.cells[key] = row
-            rank = {k: i for i, k in enumerate(order)}
-            self.data["cells"] = dict(sorted(self.cells.items(), key=lambda item: rank.get(item[0], len(rank))))
+                on_disk = json.loads(self.path.read_text())
+                self.data = {**on_disk, **{k: v for k, v in self.data.items() if k not in on_disk},
+                             "cells": {**on_disk.get("cells", {}), **self.cells}}
+            change(self.data)
             self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             self.save()
 

@@ -120,6 +120,10 @@ def snr_figure(results: common.Results, args) -> None:
 
     if "snr" in results.data:
         return
+    missing = [cell.key for cell in cells(args) if cell.key not in results.cells]
+    if missing:
+        print(f"the gradient-SNR figure waits for the cells {', '.join(missing)}")
+        return
     reference = next(row for row in results.cells.values() if row["estimator"] == "iwae")
     run = common.reopen(reference, device=args.device)
     x = run.load_data(args.data_dir).test[: 8 if args.smoke else 64].to(run.device)
@@ -129,9 +133,8 @@ def snr_figure(results: common.Results, args) -> None:
                           particles=particles, draws=draws, seed=args.seed, progress=args.progress)
     snr.write_snr(sweep, results.out, title=f"At the parameters of the trained {reference['key']} run, "
                                             f"{draws} gradient draws on {x.shape[0]} test points.")
-    results.data["snr"] = {"run": reference["key"], "batch": x.shape[0], "draws": draws,
-                           "report": snr.snr_report(sweep), "table": snr.snr_table(sweep)}
-    results.save()
+    results.set("snr", {"run": reference["key"], "batch": x.shape[0], "draws": draws,
+                        "report": snr.snr_report(sweep), "table": snr.snr_table(sweep)})
 
 
 def main(argv: list[str] | None = None) -> int:
