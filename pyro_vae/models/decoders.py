@@ -33,14 +33,14 @@ class Decoder(nn.Module):
     ``image_shape`` (:class:`~pyro_vae.models.networks.ConvDecoderNet`).
     """
 
-    def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int], activation: str,
-                 condition_dim: int, outputs_per_pixel: int = 1, network: str = "mlp",
+    def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
+                 activation: str = "relu", condition_dim: int = 0, network: str = "mlp",
                  image_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.output_dim = output_dim
         self.net = decoder_network(latent_dim + condition_dim, hidden, output_dim, activation, network,
-                                   image_shape, outputs_per_pixel)
+                                   image_shape)
 
     def features(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.net(concat_condition(z, y))
@@ -60,12 +60,6 @@ class Decoder(nn.Module):
 class BernoulliDecoder(Decoder):
     """p(x | z) = prod_j Bernoulli(x_j; sigmoid(f(z))_j), parameterized by logits
     so that ``log p`` is the numerically stable ``-BCEWithLogits``."""
-
-    def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", condition_dim: int = 0, network: str = "mlp",
-                 image_shape: Sequence[int] | None = None) -> None:
-        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim, network=network,
-                         image_shape=image_shape)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
         # Support is checked once on the whole data set (check_data), not per step;
@@ -140,12 +134,6 @@ class ContinuousBernoulliDecoder(Decoder):
 
     ``mean`` is ``E[x | z]`` under the CB, which differs from ``lambda``.
     """
-
-    def __init__(self, latent_dim: int, output_dim: int, hidden: Sequence[int] = (400,),
-                 activation: str = "relu", condition_dim: int = 0, network: str = "mlp",
-                 image_shape: Sequence[int] | None = None) -> None:
-        super().__init__(latent_dim, output_dim, hidden, activation, condition_dim, network=network,
-                         image_shape=image_shape)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
         return dist.ContinuousBernoulli(logits=self.features(z, y), validate_args=False).to_event(1)
