@@ -43,3 +43,21 @@ def cpu_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
+    """Move every parameter of ``module`` off its initialisation (correlated guides start
+    diagonal, flows at the identity), so that tests see a part's general case."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+def grid_mass(log_prob, lim: float = 6.0, n: int = 241) -> float:
+    """Integral of ``exp(log_prob)`` over ``[-lim, lim]^2`` by the trapezoid rule (a 2-D latent)."""
+    t = torch.linspace(-lim, lim, n, dtype=torch.float64)
+    zz = torch.stack(torch.meshgrid(t, t, indexing="ij"), dim=-1).reshape(-1, 2)
+    with torch.no_grad():
+        density = log_prob(zz.float()).double().exp().reshape(n, n)
+    return torch.trapezoid(torch.trapezoid(density, t, dim=-1), t).item()

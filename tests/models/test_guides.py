@@ -21,6 +21,8 @@ from pyro_vae.models.guides import (
 from pyro_vae.models.registry import GUIDES, build_vae
 from pyro_vae.train.config import TrainConfig
 
+from conftest import grid_mass, perturb
+
 D, R = 6, 3
 
 
@@ -28,24 +30,6 @@ D, R = 6, 3
 def seeded():
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
-
-
-def perturb(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
-    """Move every parameter off its initialisation (correlated guides start diagonal, flows at
-    the identity), so the tests see the parts' general case."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
-
-
-def grid_mass(log_prob, lim=6.0, n=241):
-    """Integral of exp(log_prob) over [-lim, lim]^2 by the trapezoid rule (a 2-D latent)."""
-    t = torch.linspace(-lim, lim, n, dtype=torch.float64)
-    zz = torch.stack(torch.meshgrid(t, t, indexing="ij"), dim=-1).reshape(-1, 2)
-    with torch.no_grad():
-        density = log_prob(zz.float()).double().exp().reshape(n, n)
-    return torch.trapezoid(torch.trapezoid(density, t, dim=-1), t).item()
 
 
 def test_full_covariance_scale_is_lower_triangular_with_positive_diagonal():

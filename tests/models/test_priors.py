@@ -22,6 +22,8 @@ from pyro_vae.models.priors import (
 from pyro_vae.models.registry import PRIORS, build_vae
 from pyro_vae.train.config import TrainConfig
 
+from conftest import grid_mass, perturb
+
 D, R = 6, 3
 
 
@@ -29,23 +31,6 @@ D, R = 6, 3
 def seeded():
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
-
-
-def perturb(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
-    """Move every parameter off its initialisation (flows start at the identity)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
-
-
-def grid_mass(log_prob, lim=8.0, n=241):
-    """Integral of exp(log_prob) over [-lim, lim]^2 by the trapezoid rule (a 2-D latent)."""
-    t = torch.linspace(-lim, lim, n, dtype=torch.float64)
-    zz = torch.stack(torch.meshgrid(t, t, indexing="ij"), dim=-1).reshape(-1, 2)
-    with torch.no_grad():
-        density = log_prob(zz.float()).double().exp().reshape(n, n)
-    return torch.trapezoid(torch.trapezoid(density, t, dim=-1), t).item()
 
 
 def small_config(prior: str, **kw) -> TrainConfig:
@@ -150,7 +135,7 @@ def test_prior_density_normalizes_on_a_2d_grid(name):
     config = small_config(name, latent_dim=2)
     encoder = DiagonalGaussianEncoder(D, 2, hidden=[8])
     prior = perturb(PRIORS[name](config.model, D, 0, encoder), 0.1)  # learnable parts off their initialisation
-    mass = grid_mass(lambda z: prior(z.shape[0]).log_prob(z))
+    mass = grid_mass(lambda z: prior(z.shape[0]).log_prob(z), lim=8.0)
     assert mass == pytest.approx(1.0, abs=0.02)
 
 
