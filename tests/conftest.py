@@ -61,3 +61,18 @@ def grid_mass(log_prob, lim: float = 6.0, n: int = 241) -> float:
     with torch.no_grad():
         density = log_prob(zz.float()).double().exp().reshape(n, n)
     return torch.trapezoid(torch.trapezoid(density, t, dim=-1), t).item()
+
+
+def wait_for_file(path: Path, process, timeout: float = 120.0) -> None:
+    """Wait until ``path`` exists while ``process`` (a ``subprocess.Popen``) runs; fail, naming
+    what happened, if it ends first or ``timeout`` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the process ended before {path.name} appeared: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)

@@ -13,11 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for_file
 
 from pyro_vae.cli.main import main
 from pyro_vae.train.checkpoint import load_checkpoint
@@ -44,17 +44,6 @@ def _env(delay: float) -> dict[str, str]:
 def _start(argv, cwd, delay=0.05) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pyro_vae", *argv], cwd=cwd, env=_env(delay),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"training ended before {path.name} appeared: {process.communicate()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +76,7 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_exactly_while_the_lock_re
         tmp_path, straight, capsys):
     run = tmp_path / "run"
     child = _start(["train", *PROGRAM, "--checkpoint-every-steps", "3", "--run-dir", str(run)], tmp_path)
-    _wait_for(run / "checkpoint.pt", child)
+    wait_for_file(run / "checkpoint.pt", child)
     # A second writer while the first one trains: refused by name, for a new run and for --resume.
     for argv in (["train", *PROGRAM, "--run-dir", str(run)], ["train", "--resume", str(run), "--epochs", "3"]):
         assert main(argv) == 2
@@ -106,7 +95,7 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_exactly_while_the_lock_re
 def test_sigkill_mid_epoch_loses_at_most_the_checkpoint_interval(tmp_path, straight):
     run = tmp_path / "run"
     child = _start(["train", *PROGRAM, "--checkpoint-every-steps", "2", "--run-dir", str(run)], tmp_path)
-    _wait_for(run / "checkpoint.pt", child)
+    wait_for_file(run / "checkpoint.pt", child)
     child.send_signal(signal.SIGKILL)
     child.communicate(timeout=60)
     assert child.returncode == -signal.SIGKILL

@@ -26,6 +26,7 @@ import pyro
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import wait_for_file
 from distributed_programs import delta, digits_subset, train_worker
 
 from pyro_vae.cli.main import main
@@ -255,24 +256,13 @@ def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60.0) -> i
     raise AssertionError(f"no worker of rank {rank} appeared")
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"training ended before {path.name} appeared: {process.communicate()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.01)
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks' pids through /proc (Linux)")
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_bit_for_bit(vae_run, tmp_path):
     straight, _, _ = vae_run
     run = tmp_path / "run"
     child = torchrun(["train", *VAE, "--epochs", str(VAE_EPOCHS), "--run-dir", str(run)], tmp_path)
     rank1 = _rank_pid(child, 1)
-    _wait_for(run / "checkpoint.pt", child)
+    wait_for_file(run / "checkpoint.pt", child)
     os.kill(rank1, signal.SIGTERM)
     out, err = finish(child)
     assert child.returncode != 0 and err.count("exitcode  : 143") == 2, err  # both ranks stopped by SIGTERM
@@ -295,7 +285,7 @@ def test_a_rank_killed_mid_run_leaves_the_last_checkpoint_whole(tmp_path):
     run = tmp_path / "run"
     child = torchrun(["train", *VAE, "--epochs", "30", "--run-dir", str(run)], tmp_path)
     rank1 = _rank_pid(child, 1)
-    _wait_for(run / "checkpoint.pt", child)
+    wait_for_file(run / "checkpoint.pt", child)
     os.kill(rank1, signal.SIGKILL)
     out, err = finish(child)
     assert child.returncode != 0 and "pyro_vae/train/" not in out + err  # no traceback from the ranks
