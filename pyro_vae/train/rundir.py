@@ -90,9 +90,11 @@ def check_run_dir_usable(path: Path) -> None:
 
 class RunLock:
     """An exclusive lock on a run directory, held from :meth:`acquire` until :meth:`release`
-    (or until the process ends).  Re-entrant within a process: nested holders share one lock."""
+    (or until the process ends).  Re-entrant within a process for readers that write beside a
+    holder (the pictures a finished training draws into its run), but never for training: a
+    second trainer of a held run directory is refused even in the holder's own process."""
 
-    _held: dict[str, list[Any]] = {}  # real path -> [fd, count]
+    _held: dict[str, list[Any]] = {}  # real path -> [fd, count, purposes of the holders]
 
     def __init__(self, run_dir: str | Path, purpose: str = "training") -> None:
         self.run_dir = Path(run_dir)
@@ -107,7 +109,12 @@ class RunLock:
         key = os.path.realpath(self.path)
         held = RunLock._held.get(key)
         if held is not None:
+            if self.purpose == "training":
+                holders = " and ".join(sorted(set(held[2])))
+                raise RunDirBusy(f"run directory {self.run_dir} is in use by this process ({holders}); finish or "
+                                 f"close that first, or use another --run-dir")
             held[1] += 1
+            held[2].append(self.purpose)
             self._key = key
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -125,7 +132,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
-        RunLock._held[key] = [fd, 1]
+        RunLock._held[key] = [fd, 1, [self.purpose]]
         self._key = key
         return self
 
@@ -134,6 +141,7 @@ class RunLock:
             return
         held = RunLock._held[self._key]
         held[1] -= 1
+        held[2].remove(self.purpose)
         if held[1] == 0:
             del RunLock._held[self._key]
             os.close(held[0])  # closing the descriptor releases the flock

@@ -541,6 +541,23 @@ def test_a_second_lock_holder_in_another_process_is_refused(tmp_path, capsys):
         Trainer(TrainConfig.from_flat(dict(run_dir=str(tmp_path / "r"), **TINY)), resume=True)
 
 
+def test_a_second_trainer_of_a_run_dir_in_the_same_process_is_refused(tmp_path, digits):
+    config = TrainConfig.from_flat(dict(epochs=1, run_dir=str(tmp_path / "r"), **TINY))
+    first = Trainer(config, dataset=digits, keep_lock=True)
+    try:
+        with pytest.raises(ValueError, match=r"in use by this process \(training\)"):
+            Trainer(config, dataset=digits)
+        with pytest.raises(ValueError, match="in use by this process"):
+            RunLock(tmp_path / "r").acquire()
+        with RunLock(tmp_path / "r", "sampling"):  # a reader beside the holder (its pictures) still nests
+            assert is_locked(tmp_path / "r")
+        first.fit()
+    finally:
+        first.close()
+    assert not is_locked(tmp_path / "r")
+    train(config.replace(epochs=2), dataset=digits, resume=True)  # released: the next writer gets it
+
+
 def test_sigterm_in_process_saves_and_a_second_one_aborts_keeping_the_last_checkpoint(tmp_path, digits):
     import os
     import signal
