@@ -69,6 +69,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint written by :func:`save_checkpoint`, verifying its format and checksum."""
     path = Path(path)
     if not path.is_file():
+        if path.is_symlink() and not path.exists():
+            raise CheckpointError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist")
+        if path.exists():
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise CheckpointError(f"{path} is {kind}, not a checkpoint file")
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)

@@ -81,7 +81,9 @@ def load_run(run_dir: str | Path, device: str = "auto", which: str = "best", pro
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     names = [BEST, CHECKPOINT] if which == "best" else [CHECKPOINT]
-    path = next((run_dir / n for n in names if (run_dir / n).is_file()), None)
+    # the first that is there at all: a best.pt that is damaged into a folder or a dangling link is
+    # named (by load_checkpoint), not silently passed over for the last checkpoint
+    path = next((run_dir / n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()), None)
     if path is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint ({' or '.join(names)}); is it a pyro-vae run "
                               "directory, and has its training saved a first checkpoint?")

@@ -273,6 +273,30 @@ def test_a_flipped_bit_in_a_weight_is_refused_by_name(one_epoch_run, tmp_path, c
     assert "checkpoint.pt is corrupt" in _error(["train", "--resume", str(run), "--epochs", "2"], capsys)
 
 
+@pytest.mark.parametrize("damage,said", [("folder", "is a directory, not a checkpoint file"),
+                                         ("link", "is a symbolic link to")])
+def test_a_best_checkpoint_damaged_into_no_file_is_named_not_passed_over(one_epoch_run, tmp_path, capsys, damage,
+                                                                           said):
+    import shutil
+
+    from pyro_vae.train.runs import load_run
+
+    run = _copy(one_epoch_run, tmp_path)
+    (run / "best.pt").unlink()
+    if damage == "folder":
+        (run / "best.pt").mkdir()
+    else:
+        (run / "best.pt").symlink_to(tmp_path / "gone.pt")
+    for argv in (["evaluate", str(run), "--particles", "5", "--no-plots"], ["sample", str(run)]):
+        assert f"{run / 'best.pt'} {said}" in _error(argv, capsys)
+    assert load_run(run, which="last").checkpoint_path == run / "checkpoint.pt"  # asked for: still there
+    if damage == "folder":
+        shutil.rmtree(run / "best.pt")
+    else:
+        (run / "best.pt").unlink()
+    assert load_run(run).checkpoint_path == run / "checkpoint.pt"  # no best.pt at all: the last one, as before
+
+
 @pytest.mark.parametrize("change,entry", [
     ({"input_dim": "abc"}, "input_dim"),
     ({"input_dim": 0}, "input_dim"),
