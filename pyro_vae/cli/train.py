@@ -151,9 +151,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         flags["run_dir"] = args.resume
     else:
         base = TrainConfig().to_flat()
-    if args.config:
-        base.update(load_toml(args.config))
-    return TrainConfig.from_flat({**base, **flags})
+    in_file = load_toml(args.config) if args.config else {}
+    config = TrainConfig.from_flat({**base, **in_file, **flags})
+    check_overridden_file_values(args.config, in_file, flags, config)
+    return config
+
+
+def check_overridden_file_values(path: str | None, in_file: dict, flags: dict, config: TrainConfig) -> None:
+    """A value of the config file that a flag overrides is still checked, each in the config that
+    runs, so a flag never hides a value out of range in the file (``epochs = 0`` under
+    ``--epochs 5``) any more than one of the wrong type (which :func:`load_toml` refuses)."""
+    final = config.to_flat()
+    for name in sorted(set(in_file) & set(flags)):
+        if in_file[name] == flags[name]:
+            continue
+        try:
+            TrainConfig.from_flat({**final, name: in_file[name]})
+        except ValueError as e:
+            raise ValueError(f"config file {path}: {e} (--{name.replace('_', '-')} on the command line overrides "
+                             "it, but the file must hold valid values too)") from None
 
 
 def run(args: argparse.Namespace) -> int:

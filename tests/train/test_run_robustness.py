@@ -462,6 +462,34 @@ def test_a_bad_value_in_a_config_file_is_refused_by_the_file_even_where_a_flag_o
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("toml,message", [
+    ("epochs = 0", "epochs must be a positive integer, got 0"),
+    ("seed = 99999999999999999999", "seed must be an integer in [0, 4294967295], got 99999999999999999999"),
+    ("particles = -2", "particles must be a positive integer, got -2"),
+    ('device = "gpu"', "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
+    ("patience = -1", "patience must be >= 0"),
+])
+def test_a_value_out_of_range_in_a_config_file_is_refused_even_where_a_flag_overrides_it(tmp_path, capsys, toml,
+                                                                                         message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml + "\n")
+    name = toml.split(" =")[0]
+    flag = {"epochs": "1", "seed": "1", "particles": "2", "device": "cpu", "patience": "0"}[name]
+    err = _error(["train", "--config", str(path), *FLAGS, "--epochs", "1", f"--{name}", flag, "--run-dir",
+                  str(tmp_path / "r")], capsys)
+    assert f"config file {path}: {message}" in err and f"--{name} on the command line overrides it" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_config_file_value_a_flag_overrides_with_a_good_one_runs_with_the_flag(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text("epochs = 3\nlr = 0.01\n")
+    run = tmp_path / "r"
+    assert main(["train", "--config", str(path), *FLAGS, "--epochs", "1", "--run-dir", str(run)]) == 0
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["epochs"], recorded["lr"]) == (1, 0.01)
+
+
 def test_configs_from_python_are_checked_like_files():
     for make, message in ((lambda: TrainConfig(model={"latent_dim": 3}), "model must be a ModelConfig"),
                           (lambda: TrainConfig(objective="elbo"), "unknown objective 'elbo'; expected one of trace"),
