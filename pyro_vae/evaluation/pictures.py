@@ -27,7 +27,7 @@ import torch
 from pyro_vae.evaluation.decoding import reconstruction_means, sample_means
 from pyro_vae.evaluation.images import save_image_grid, save_reconstructions
 from pyro_vae.train.memory import fmt_bytes
-from pyro_vae.train.rundir import RunLock
+from pyro_vae.train.rundir import RunLock, replace_named
 from pyro_vae.train.runs import Run, load_run
 
 PAGE_ROWS = 10
@@ -61,7 +61,7 @@ def _atomic_picture(path: Path, draw: Callable[[Path], Any]) -> Path:
     tmp = path.with_name(f".{path.stem}-{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
         draw(tmp)
-        os.replace(tmp, path)
+        replace_named(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -210,11 +210,21 @@ def write_atomic(path: str | Path, text: str) -> Path:
         os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        replace_named(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_named(tmp: str | Path, path: str | Path) -> None:
+    """``os.replace(tmp, path)``, whose failure names ``path`` (where the user wanted the file; a
+    folder of that name, say) rather than the temporary file, which is gone once the caller cleans up."""
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        reason = "a directory of that name is in the way" if Path(path).is_dir() else e.strerror
+        raise OSError(e.errno, f"cannot write it: {reason}", str(path)) from None
 
 
 #: Entries of a metrics row the trainer writes and the readers use, all numbers.

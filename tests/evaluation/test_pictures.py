@@ -80,3 +80,18 @@ def test_save_image_grid_writes_a_png_shaped_like_the_grid(tmp_path):
     h_wide, w_wide = matplotlib.image.imread(wide).shape[:2]
     h_tall, w_tall = matplotlib.image.imread(tall).shape[:2]
     assert w_wide > 2 * h_wide and h_tall > 2 * w_tall
+
+
+def test_a_picture_that_cannot_be_written_is_named_not_its_temporary_file(tmp_path, capsys, cpu_threads):
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--latent-dim", "2", "--hidden", "8", "--batch-size", "256",
+                 "--no-progress", "--run-dir", str(run_dir)]) == 0
+    (run_dir / "samples.png").unlink()
+    (run_dir / "samples.png").mkdir()  # in the way of the picture
+    capsys.readouterr()
+    assert main(["sample", str(run_dir), "--num", "4"]) == 1
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'samples.png'}: cannot write it: a directory of that name is in the way" in err
+    assert ".tmp" not in err and not list(run_dir.glob(".*.tmp*"))
+

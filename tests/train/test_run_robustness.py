@@ -657,3 +657,11 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path, mo
         save_checkpoint({**state, "input_dim": 3}, tmp_path / "c.pt")
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "c.pt")["input_dim"] == 2 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_atomic_write_in_the_way_of_a_folder_names_the_file(tmp_path):
+    (tmp_path / "status.json").mkdir()
+    with pytest.raises(OSError) as e:
+        write_atomic(tmp_path / "status.json", "{}")
+    assert e.value.filename == str(tmp_path / "status.json") and "in the way" in e.value.strerror
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temporary file left
