@@ -88,10 +88,12 @@ def _check_fits(run_, particles: list[int], points: int, data) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from pyro_vae.evaluation.pictures import check_writable
     from pyro_vae.evaluation.snr import snr_sweep, snr_table, write_snr
     from pyro_vae.train.runs import load_run
 
     run_ = load_run(args.run_dir, device=args.device)
+    out = check_writable(args.out or run_.run_dir)  # before the sweep: an output it cannot write costs no draws
     data = run_.load_data(args.data_dir)
     x = data.train[:args.batch_size]
     if data.dynamic_binarization:  # one fixed binarization of the batch, as a training step would draw
@@ -105,10 +107,10 @@ def run(args: argparse.Namespace) -> int:
                         ciwae_beta=args.ciwae_beta, seed=args.seed, progress=args.progress)
     title = (f"{data.name}, {run_.checkpoint_path.name} of {run_.run_dir.name}: {x.shape[0]} training points, "
              f"{args.draws} gradient draws, seed {args.seed}")
-    paths = write_snr(results, args.out or run_.run_dir, title=title, run_dir=str(run_.run_dir),
+    print(snr_table(results), end="", flush=True)  # the numbers first, whatever happens to the files
+    paths = write_snr(results, out, title=title, run_dir=str(run_.run_dir),
                       checkpoint=str(run_.checkpoint_path), data=data.name, batch_size=x.shape[0],
                       draws=args.draws, seed=args.seed)
-    print(snr_table(results), end="")
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -119,3 +119,28 @@ def test_snr_command_writes_json_table_and_figure(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit):
         main(["snr", str(run), "--objectives", "iwae,elbo"])
     assert "unknown objective 'elbo'" in capsys.readouterr().err
+
+
+def test_snr_refuses_an_output_it_cannot_write_before_drawing_and_shows_the_numbers_first(tmp_path, monkeypatch,
+                                                                                            capsys):
+    import pyro_vae.evaluation.snr as snr_module
+
+    monkeypatch.setattr(pictures, "write_run_pictures", lambda run_dir: [])
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--latent-dim", "2", "--hidden", "8", "--batch-size", "512",
+                 "--no-progress", "--run-dir", str(run)]) == 0
+    swept = []
+    real_sweep = snr_module.snr_sweep
+    monkeypatch.setattr(snr_module, "snr_sweep", lambda *a, **k: swept.append(1) or real_sweep(*a, **k))
+    (tmp_path / "a-file").write_text("x")
+    capsys.readouterr()
+    assert main(["snr", str(run), "--objectives", "trace", "--particles", "1", "--draws", "2", "--out",
+                 str(tmp_path / "a-file"), "--no-progress"]) == 2
+    assert f"cannot write into {tmp_path / 'a-file'}" in capsys.readouterr().err and not swept
+    out = tmp_path / "snr"
+    out.mkdir()
+    (out / "snr.json").mkdir()  # the folder is writable, the report is not
+    assert main(["snr", str(run), "--objectives", "trace", "--particles", "1", "--draws", "2", "--out", str(out),
+                 "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "| trace |" in captured.out and str(out / "snr.json") in captured.err
