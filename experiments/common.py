@@ -114,7 +114,8 @@ class Results:
             raise SystemExit(f"{self.path} holds results of other settings ({self.data.get('settings')}); "
                              "use another --out, or delete it to start again")
         self.data.setdefault("experiment", name)
-        self.data.setdefault("command", " ".join([Path(sys.executable).name, *sys.argv]))
+        self.data["command"] = command_without_cells(self.data.get("command")
+                                                     or " ".join([Path(sys.executable).name, *sys.argv]))
         self.data.setdefault("settings", settings)
         self.data["machine"] = machine()
         self.data.setdefault("cells", {})
@@ -269,6 +270,20 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | Non
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def command_without_cells(command: str) -> str:
+    """``command`` without its ``--cells`` list: the cells of one ``--out`` may be run by several
+    processes, and the table is the whole experiment's."""
+    words, kept, skipping = command.split(), [], False
+    for word in words:
+        if word == "--cells":
+            skipping = True
+        elif skipping and word.startswith("-"):
+            skipping = False
+        if not skipping:
+            kept.append(word)
+    return " ".join(kept)
 
 
 def provenance(results: Results) -> str:

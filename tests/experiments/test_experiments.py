@@ -77,8 +77,15 @@ def test_cells_run_apart_land_in_one_results_file_in_table_order(tmp_path):
     assert list(json.loads((tmp_path / "results.json").read_text())["cells"]) == [first]
     assert burda_table.main(common + [second]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert list(data["cells"]) == [second, first]
+    assert list(data["cells"]) == [second, first] and "--cells" not in data["command"]
     table_lines = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table_lines) == 1 + 2  # the header and both cells
     with pytest.raises(SystemExit, match="no cell named 9layer"):
         burda_table.main(common + ["9layer-vae-k1"])
+
+
+def test_the_recorded_command_is_the_whole_experiments():
+    import common
+
+    assert common.command_without_cells("python e.py --epochs 3 --cells a b --out r") == "python e.py --epochs 3 --out r"
+    assert common.command_without_cells("python e.py --cells a") == "python e.py"
