@@ -8,17 +8,22 @@ The public API::
 model/guide pair of your own; ``evaluate`` and ``load_run`` reopen the run.
 """
 
-from pyro_vae.data import load_dataset
-from pyro_vae.infer.objectives import OBJECTIVES, make_elbo
-from pyro_vae.infer.scale import latent_scale
-from pyro_vae.models.config import ModelConfig
-from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS, build_model, build_vae
-from pyro_vae.models.two_layer import TwoLayerVAE
-from pyro_vae.models.vae import VAE
-from pyro_vae.train.config import TrainConfig
-from pyro_vae.train.program import Program
-from pyro_vae.train.runs import Run, load_run
-from pyro_vae.train.trainer import Trainer, TrainResult, train
+from pyro_vae.cli import startup
+
+if startup.is_command_line():  # before the slow imports: a stop signal now ends the command quietly
+    startup.quiet_stops()
+
+from pyro_vae.data import load_dataset  # noqa: E402
+from pyro_vae.infer.objectives import OBJECTIVES, make_elbo  # noqa: E402
+from pyro_vae.infer.scale import latent_scale  # noqa: E402
+from pyro_vae.models.config import ModelConfig  # noqa: E402
+from pyro_vae.models.registry import DECODERS, GUIDES, PRIORS, build_model, build_vae  # noqa: E402
+from pyro_vae.models.two_layer import TwoLayerVAE  # noqa: E402
+from pyro_vae.models.vae import VAE  # noqa: E402
+from pyro_vae.train.config import TrainConfig  # noqa: E402
+from pyro_vae.train.program import Program  # noqa: E402
+from pyro_vae.train.runs import Run, load_run  # noqa: E402
+from pyro_vae.train.trainer import Trainer, TrainResult, train  # noqa: E402
 
 __version__ = "0.1.0"
 

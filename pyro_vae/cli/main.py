@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from pyro_vae import __version__
-from pyro_vae.cli import compare, evaluate, sample, snr, train
+from pyro_vae.cli import compare, evaluate, sample, snr, startup, train
 from pyro_vae.cli.arguments import accept_negative_numbers
 from pyro_vae.cli.train import config_from_args  # noqa: F401  (the flags -> TrainConfig step, for tests)
 from pyro_vae.data import DataError, MissingDataError
@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     refused (a file that cannot be written, memory), 128+N stopped by signal N."""
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings(), _signals_stop():
+        startup.restore_interrupt()  # Ctrl-C is a KeyboardInterrupt again, handled below
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
         try:
             return COMMANDS[args.command].run(args)

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,24 @@ def test_two_trainings_started_in_the_same_second_get_their_own_run_directories(
     assert len(runs) == 2 and all(run.name.startswith("digits-trace-") for run in runs)
     for run in runs:
         assert (run / "checkpoint.pt").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_while_the_command_imports_ends_it_in_one_line(signum, tmp_path):
+    # 0.3 s: Python itself has started (tens of ms), the import of torch and Pyro (seconds) has not ended
+    child = _start(["train", "--epochs", "1", "--run-dir", str(tmp_path / "run")], tmp_path)
+    time.sleep(0.3)
+    child.send_signal(signum)
+    out, err = child.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert child.returncode == 128 + signum, (child.returncode, err)
+    assert f"stopped by {signal.Signals(signum).name} while starting; nothing was written" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_quiet_start_is_for_the_command_line_only():
+    from pyro_vae.cli import startup
+
+    assert startup.is_command_line(["/venv/bin/pyro-vae", "train"]) and startup.is_command_line(["-m", "train"])
+    assert not startup.is_command_line(["/usr/bin/pytest"]) and not startup.is_command_line(["-c"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # importing the library left it alone
