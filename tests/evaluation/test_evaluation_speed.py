@@ -109,7 +109,8 @@ def handwritten_log_px(vae, x: torch.Tensor, particles: int) -> torch.Tensor:
 @pytest.mark.slow
 def test_evaluate_test_set_runs_near_a_hand_written_loop(cpu_threads):
     """Everything the report needs (bounds, k-hat, diagnostics) against ``log p(x)`` alone,
-    interleaved; generous (the benchmark's full-size figure is about 1.03)."""
+    interleaved, in process CPU time (one thread: waiting for a core on a shared machine does not
+    count); generous (the benchmark's full-size figure is 1.0-1.15)."""
     torch.set_num_threads(1)
     vae = mnist_sized_vae()
     x = torch.bernoulli(torch.full((16, 784), 0.2))
@@ -121,8 +122,8 @@ def test_evaluate_test_set_runs_near_a_hand_written_loop(cpu_threads):
     times: dict[str, list[float]] = {name: [] for name in sides}
     for r in range(5):
         for name in (list(sides) if r % 2 else list(sides)[::-1]):
-            start = time.perf_counter()
+            start = time.process_time()
             sides[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.process_time() - start)
     ratio = statistics.median(a / b for a, b in zip(times["library"], times["hand"]))
-    assert ratio < 1.5, f"evaluate_test_set took {ratio:.2f}x the hand-written loop"
+    assert ratio < 1.5, f"evaluate_test_set took {ratio:.2f}x the hand-written loop's CPU time"
