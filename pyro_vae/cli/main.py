@@ -22,7 +22,7 @@ from pyro_vae.cli.train import config_from_args  # noqa: F401  (the flags -> Tra
 from pyro_vae.data import DataError, MissingDataError
 from pyro_vae.models.decoders import DataDomainError
 from pyro_vae.train.checkpoint import CheckpointError
-from pyro_vae.train.trainer import STOP_SIGNALS, Stopped, TrainingDiverged
+from pyro_vae.train.trainer import STOP_SIGNALS, Stopped, TrainingDiverged, forget_pending_stops, stop_at_once
 
 COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "sample": sample, "snr": snr}
 USER_ERRORS = (ValueError, CheckpointError, DataError, DataDomainError, TrainingDiverged, FileNotFoundError)
@@ -44,8 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command.  Exit status: 0 done, 2 a bad input (one line naming it), 1 the machine
     refused (a file that cannot be written, memory), 128+N stopped by signal N."""
     args = build_parser().parse_args(argv)
+    startup.restore_defaults()  # the start is over: the handlers below and the defaults take over
+    forget_pending_stops()
     with warnings.catch_warnings(), _signals_stop():
-        startup.restore_interrupt()  # Ctrl-C is a KeyboardInterrupt again, handled below
         warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
         try:
             return COMMANDS[args.command].run(args)
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   " lower the sizes, particles or batch size", file=sys.stderr)
             return 1
         except Stopped as e:
+            forget_pending_stops()
             print(f"pyro-vae {args.command}: stopped by {signal.Signals(e.signum).name}; nothing half-written "
                   "was left", file=sys.stderr)
             return 128 + e.signum
@@ -81,15 +83,12 @@ def _signals_stop():
     temporary files and releasing locks, instead of killing the process; Ctrl-C raises
     ``KeyboardInterrupt`` as usual.  The training loop installs its own handlers, which stop after
     the current step and save."""
-    def stop(signum, frame):
-        raise Stopped(signum)
-
     previous = {}
     for signum in STOP_SIGNALS:
         if signum == signal.SIGINT:
             continue
         try:
-            previous[signum] = signal.signal(signum, stop)
+            previous[signum] = signal.signal(signum, stop_at_once)
         except ValueError:  # not the main thread: signals keep their handlers
             pass
     try:

@@ -52,7 +52,11 @@ def quiet_stops() -> None:
                 return
 
 
-def restore_interrupt() -> None:
-    """Give Ctrl-C back its ``KeyboardInterrupt`` once the command's own handling is in place."""
-    if signal.getsignal(signal.SIGINT) is _stop_quietly:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+def restore_defaults() -> None:
+    """Put Python's own handlers back (``KeyboardInterrupt`` for Ctrl-C, the default action for the
+    rest) wherever :func:`quiet_stops` installed one: the command then installs its own, and a
+    signal after it has returned meets the defaults, not a message about starting."""
+    for name in SIGNAL_NAMES:
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is _stop_quietly:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)

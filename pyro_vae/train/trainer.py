@@ -92,6 +92,33 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+#: Stop signals whose :class:`Stopped` may have been lost.  An exception raised by a signal handler
+#: surfaces wherever Python happens to be, and C code there can clear it (an extension module that
+#: is being imported, for one, swallows errors of its optional set-up steps); so
+#: :func:`stop_at_once` also records the signal, and the training loop looks before it starts.
+_pending_stops: list[int] = []
+
+
+def stop_at_once(signum: int, frame: Any = None) -> None:
+    """Signal handler outside the training loop: raise :class:`Stopped`, and remember the signal
+    in case the exception is lost on its way out."""
+    _pending_stops.append(signum)
+    raise Stopped(signum)
+
+
+def forget_pending_stops() -> None:
+    """The stops recorded so far have been handled (their :class:`Stopped` reached its handler)."""
+    _pending_stops.clear()
+
+
+def raise_pending_stop() -> None:
+    """Raise :class:`Stopped` for a stop signal whose exception was lost before it unwound."""
+    if _pending_stops:
+        signum = _pending_stops[-1]
+        _pending_stops.clear()
+        raise Stopped(signum)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; an explicit device that is not there is an error."""
     check_device_name(name)
@@ -196,6 +223,7 @@ class _StopFlag:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
+        raise_pending_stop()
         for signum in STOP_SIGNALS:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)

@@ -137,3 +137,25 @@ def test_the_quiet_start_is_for_the_command_line_only():
     assert startup.is_command_line(["/venv/bin/pyro-vae", "train"]) and startup.is_command_line(["-m", "train"])
     assert not startup.is_command_line(["/usr/bin/pytest"]) and not startup.is_command_line(["-c"])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # importing the library left it alone
+
+
+def test_after_the_command_the_stop_signals_meet_their_defaults(tmp_path):
+    from pyro_vae.cli import startup
+
+    startup.quiet_stops()
+    try:
+        main(["compare", str(tmp_path / "no-such-run")])  # any command, done or refused
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        startup.restore_defaults()
+
+
+def test_a_stop_signal_whose_exception_was_lost_still_stops_training(tmp_path):
+    run = tmp_path / "run"
+    child = _start(["train", "--program", "swallowing_program:make", "--epochs", "2", "--no-progress",
+                    "--run-dir", str(run)], tmp_path)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM, (child.returncode, out, err)
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert not (run / "checkpoint.pt").exists()  # stopped before the first step
