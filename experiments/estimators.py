@@ -98,19 +98,28 @@ def write_tables(results: common.Results) -> None:
 
 
 def plot_curves(results: common.Results) -> None:
+    """Validation ELBO and validation bound (the objective's own K-draw bound) per epoch, one line
+    per cell; colours repeat after ten, so every second ten is dashed."""
+    from matplotlib.ticker import MaxNLocator
+
     from pyro_vae.evaluation.plots import plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
-    for row in results.cells.values():
-        curve = row["curve"]
-        ax.plot([c["epoch"] for c in curve], [c["valid_elbo"] for c in curve], marker="o", markersize=3,
-                label=f"{row['estimator']} K={row['K']}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation ELBO (nats)")
-    ax.set_title("training curves")
-    ax.legend(fontsize=6, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), sharex=True)
+    for i, row in enumerate(results.cells.values()):
+        epochs = [c["epoch"] for c in row["curve"]]
+        style = dict(marker="o", markersize=3, linestyle="-" if i < 10 else "--",
+                     label=f"{row['estimator']} K={row['K']}")
+        axes[0].plot(epochs, [c["valid_elbo"] for c in row["curve"]], **style)
+        axes[1].plot(epochs, [c["valid_bound"] for c in row["curve"]], **style)
+    for ax, title in zip(axes, ("validation ELBO", "validation bound of the objective")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{title} (nats)")
+        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(results.out / "curves.png", dpi=120)
+    fig.savefig(results.out / "curves.png", dpi=110)
     plt.close(fig)
 
 
