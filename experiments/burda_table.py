@@ -17,9 +17,13 @@ Their setup, as the library runs it:
 * test log-likelihood with k = 5000 importance samples.
 
 ``--budget`` scales the passes: 1.0 is the full schedule (for a GPU);
-the default 0.003 gives every stage at least one epoch, about 10 epochs in
-all, and runs on a 2-core CPU in under an hour with ``--eval-points 1000``.
-A scaled run is a smaller experiment, not a reproduction: its table says so.
+the default 0.003 gives every stage at least one epoch, 10 epochs in all (the
+least the eight stages allow).  On one thread of a shared 2-core CPU, with
+``--eval-points 1000``, a one-stochastic-layer cell with k = 1 or 5 trains in
+2.5-4 minutes and evaluates in about one; the k = 50 cells cost ten times as
+much or more, so the whole table takes hours there: ``--cells`` runs a part of
+it.  A scaled run is a smaller experiment, not a reproduction: its table says
+so.
 
     python experiments/burda_table.py --budget 0.003 --eval-points 1000 --out runs/burda
 """
