@@ -217,6 +217,31 @@ def write_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def share_file(source: str | Path, path: str | Path) -> Path:
+    """Make ``path`` a second name of the file ``source`` (a hard link, put in place by a rename),
+    or a copy where the file system has no hard links.  ``source`` must only ever be replaced by a
+    rename, never rewritten in place: ``path`` then keeps the content it was given."""
+    source, path = Path(source), Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here: copy, and make the copy durable like the source
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.chmod(tmp, new_file_mode())
+        replace_named(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def replace_named(tmp: str | Path, path: str | Path) -> None:
     """``os.replace(tmp, path)``, whose failure names ``path`` (where the user wanted the file; a
     folder of that name, say) rather than the temporary file, which is gone once the caller cleans up."""

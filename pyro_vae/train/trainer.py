@@ -60,7 +60,7 @@ from pyro_vae.train.memory import check_fits, check_num_classes, model_parts, st
 from pyro_vae.train.program import (Program, ProgramError, as_program, build_program, check_program_data,
                                     fresh_program_parameters, program_state, restore_program_state)
 from pyro_vae.train.rundir import (RunDirError, RunLock, check_run_dir_usable, create_unique_run_dir, read_metrics,
-                                   remove_stale_temporaries, write_atomic, write_status)
+                                   remove_stale_temporaries, share_file, write_atomic, write_status)
 from pyro_vae.train.schedules import kl_scale_at
 
 CHECKPOINT = "checkpoint.pt"
@@ -694,14 +694,16 @@ class Trainer:
                 row = self._end_of_epoch(epoch, step, epoch_loss / n, time.perf_counter() - t0)
                 result.history.append(row)
                 score = -row["valid_bound"]
-                if score < best:
+                improved = score < best
+                if improved:
                     best, bad_epochs = score, 0
-                    self._save(self.run_dir / BEST, epoch + 1, 0, step, None, best, bad_epochs, 0.0)
                 else:
                     bad_epochs += 1
                 stopping = bool(cfg.patience and bad_epochs >= cfg.patience)
                 self._save(self.run_dir / CHECKPOINT, epoch + 1, 0, step, None, best, bad_epochs, 0.0,
                            stopped_early=stopping)
+                if improved:  # the end-of-epoch checkpoint is the best one: best.pt is the same file
+                    world.share(lambda: share_file(self.run_dir / CHECKPOINT, self.run_dir / BEST))
                 last_save = time.monotonic()
                 signum = world.any_signal(stop.signum if stop.requested else None)
                 if (stop.requested or signum) and epoch + 1 < cfg.epochs:

@@ -665,3 +665,30 @@ def test_an_atomic_write_in_the_way_of_a_folder_names_the_file(tmp_path):
         write_atomic(tmp_path / "status.json", "{}")
     assert e.value.filename == str(tmp_path / "status.json") and "in the way" in e.value.strerror
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temporary file left
+
+
+def test_best_pt_is_the_best_epochs_checkpoint_and_keeps_it_when_the_checkpoint_moves_on(tmp_path, digits):
+    run = tmp_path / "r"
+    train(TrainConfig.from_flat(dict(epochs=1, run_dir=str(run), **TINY)), dataset=digits)
+    assert (run / "best.pt").read_bytes() == (run / "checkpoint.pt").read_bytes()  # epoch 1 is the best so far
+    first_best = (run / "best.pt").read_bytes()
+    (run / "next.tmp").write_bytes(b"a later checkpoint")
+    os.replace(run / "next.tmp", run / "checkpoint.pt")  # how every checkpoint is put in place ...
+    assert (run / "best.pt").read_bytes() == first_best  # ... so best.pt keeps the best epoch's content
+    load_checkpoint(run / "best.pt")  # whole, its checksum verified
+
+
+def test_best_pt_is_a_copy_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    from pyro_vae.train import rundir
+
+    source = tmp_path / "checkpoint.pt"
+    source.write_bytes(b"weights")
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(rundir.os, "link", no_links)
+    rundir.share_file(source, tmp_path / "best.pt")
+    source.write_bytes(b"changed in place")
+    assert (tmp_path / "best.pt").read_bytes() == b"weights"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
