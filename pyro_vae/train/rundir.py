@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -25,7 +26,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pyro_vae.data.paths import new_file_mode
 
@@ -201,19 +202,27 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the
-    new content, never a torn file."""
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[tuple[int, str]]:
+    """A temporary file beside ``path`` (its descriptor and name) for the caller to fill; renamed
+    onto ``path`` when the block ends, removed if it fails."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield fd, tmp
         replace_named(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the
+    new content, never a torn file."""
+    path = Path(path)
+    with _replacing(path) as (fd, tmp):
+        os.fchmod(fd, new_file_mode())
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
     return path
 
 
@@ -222,9 +231,8 @@ def share_file(source: str | Path, path: str | Path) -> Path:
     or a copy where the file system has no hard links.  ``source`` must only ever be replaced by a
     rename, never rewritten in place: ``path`` then keeps the content it was given."""
     source, path = Path(source), Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _replacing(path) as (fd, tmp):
+        os.close(fd)
         os.unlink(tmp)
         try:
             os.link(source, tmp)
@@ -235,10 +243,6 @@ def share_file(source: str | Path, path: str | Path) -> Path:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.chmod(tmp, new_file_mode())
-        replace_named(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
