@@ -65,7 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   " lower the sizes, particles or batch size", file=sys.stderr)
             return 1
         except Stopped as e:
-            forget_pending_stops()
             print(f"pyro-vae {args.command}: stopped by {signal.Signals(e.signum).name}; nothing half-written "
                   "was left", file=sys.stderr)
             return 128 + e.signum

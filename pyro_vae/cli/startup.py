@@ -3,8 +3,8 @@
 Importing the package takes a second or two, before :func:`pyro_vae.cli.main.main`
 can install its handlers.  Run as the command line (the ``pyro-vae`` script or
 ``python -m pyro_vae``), the package first installs :func:`quiet_stops`: Ctrl-C,
-SIGTERM, SIGHUP, SIGUSR1/2 or SIGXCPU in that window prints one line and exits
-with ``128 + N``, as the command does later, instead of a ``KeyboardInterrupt``
+SIGTERM, SIGHUP, SIGUSR1/2 or SIGXCPU in that window prints one line and ends
+the process with ``128 + N``, as the command does later, instead of a ``KeyboardInterrupt``
 traceback from deep inside an import (or, for SIGTERM, a silent kill).  Nothing
 has been written yet, so there is nothing to save.  Imported as a library, the
 package leaves every handler alone.  Only the standard library is used here, so
@@ -32,9 +32,12 @@ def is_command_line(argv: list[str] | None = None) -> bool:
 
 
 def _stop_quietly(signum: int, frame) -> None:
+    # Ends the process at once rather than raising: an exception raised here surfaces inside
+    # whatever is being imported, whose C code may clear it and leave a half-imported module
+    # behind.  Nothing has been written yet, so there is nothing to unwind.
     name = signal.Signals(signum).name
     os.write(2, f"pyro-vae: stopped by {name} while starting; nothing was written\n".encode())
-    raise SystemExit(128 + signum)
+    os._exit(128 + signum)
 
 
 def quiet_stops() -> None:
