@@ -19,6 +19,7 @@ since a cell is merged into ``results.json`` under a file lock.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fcntl
 import json
@@ -29,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -40,6 +41,7 @@ import pyro  # noqa: E402
 
 from pyro_vae import TrainConfig, evaluate, load_run, train  # noqa: E402
 from pyro_vae.train.checkpoint import CheckpointError  # noqa: E402
+from pyro_vae.train.rundir import is_locked  # noqa: E402
 
 #: Evaluation of a smoke run: few draws on few points.
 SMOKE_EVAL = {"particles": 20, "num_points": 60, "iwae_ks": (1, 5)}
@@ -136,16 +138,29 @@ class Results:
         """Record a result that belongs to no cell (a figure's numbers), merged like :meth:`add`."""
         self._update(lambda data: data.__setitem__(name, value))
 
+    def refresh(self) -> None:
+        """Take in the cells other processes have written since."""
+        with self._locked():
+            self._merge_from_disk()
+
     def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
-        with open(self.out / ".results.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.path.is_file():
-                on_disk = json.loads(self.path.read_text())
-                self.data = {**on_disk, **{k: v for k, v in self.data.items() if k not in on_disk},
-                             "cells": {**on_disk.get("cells", {}), **self.cells}}
+        with self._locked():
+            self._merge_from_disk()
             change(self.data)
             self.data["updated"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             self.save()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.out / ".results.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _merge_from_disk(self) -> None:
+        if self.path.is_file():
+            on_disk = json.loads(self.path.read_text())
+            self.data = {**on_disk, **{k: v for k, v in self.data.items() if k not in on_disk},
+                         "cells": {**on_disk.get("cells", {}), **self.cells}}
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".json.tmp")
@@ -226,7 +241,8 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
 def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
               after: Callable[[Results], None] | None = None) -> None:
     """Run every cell ``results`` lacks (of ``args.cells`` only, when given), saving after each;
-    ``after(results)`` redraws the tables."""
+    ``after(results)`` redraws the tables.  A cell another process sharing ``--out`` has finished
+    meanwhile, or is training now (its run directory locked), is left to it."""
     keys = [cell.key for cell in cells]
     if len(set(keys)) != len(keys):
         raise ValueError(f"cell keys must be unique, got {keys}")
@@ -238,6 +254,9 @@ def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
     bar = tqdm(todo, desc=results.data["experiment"], unit="cell", disable=not args.progress, dynamic_ncols=True)
     for cell in bar:
         bar.set_postfix_str(cell.key)
+        results.refresh()
+        if cell.key in results.cells or is_locked(args.out / "runs" / cell.key):
+            continue
         pyro.clear_param_store()
         try:
             results.add(cell.key, run_cell(cell, args), order=keys)

@@ -89,3 +89,21 @@ def test_the_recorded_command_is_the_whole_experiments():
 
     assert common.command_without_cells("python e.py --epochs 3 --cells a b --out r") == "python e.py --epochs 3 --out r"
     assert common.command_without_cells("python e.py --cells a") == "python e.py"
+
+
+def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path):
+    import argparse
+
+    import common
+
+    first = burda_table.SMOKE_CELLS[0]
+    argv = ["--smoke", "--no-progress", "--out", str(tmp_path), "--cells", first]
+    parser = common.experiment_parser("", "burda")
+    parser.add_argument("--budget", type=float, default=0.003)
+    args: argparse.Namespace = parser.parse_args(argv)
+    results = common.Results(args.out, "burda", args)  # opened before the other process writes
+    assert burda_table.main(argv) == 0  # the other process
+    report = tmp_path / "runs" / first / "evaluation" / "evaluation.json"
+    mtime = report.stat().st_mtime_ns
+    common.run_cells(burda_table.cells(args), results, args)
+    assert report.stat().st_mtime_ns == mtime and first in results.cells
