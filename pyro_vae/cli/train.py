@@ -23,8 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="TOML file of options; flags override it (with --resume: the same rules as "
                                     "flags)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR where it stopped; only --epochs, --patience, --lr, --device, "
-                        "--checkpoint-every(-steps), --data-dir and --no-progress may change")
+                   help="continue the run in RUN_DIR where it stopped; only --epochs, --max-steps, --patience, --lr, "
+                        "--device, --checkpoint-every(-steps), --data-dir and --no-progress may change")
     _add_train_arguments(p)
 
 
@@ -110,6 +110,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear KL warm-up from 0 to beta over this many epochs (default 0: none)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=S, help=f"default {d.epochs}")
+    g.add_argument("--max-steps", type=non_negative_int, default=S, metavar="N",
+                   help="pause after N optimizer steps in all, saving a checkpoint there; --resume with a larger "
+                        "--max-steps (or 0) trains on, bit for bit (default 0: no limit)")
     g.add_argument("--batch-size", type=positive_int, default=S, help=f"default {d.batch_size}")
     g.add_argument("--lr", type=positive_float, default=S, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--patience", type=non_negative_int, default=S,
@@ -196,6 +199,12 @@ def _train_and_report(trainer: Trainer) -> int:
         print(f"{name}: stopped and saved {run_dir / CHECKPOINT} at {where}; continue with: "
               f"pyro-vae train --resume {run_dir}")
         return 128 + (result.signal or signal.SIGINT)
+    if result.reached_max_steps:
+        epoch, batch, step = result.position
+        where = f"epoch {epoch + 1}, batch {batch}" if batch else f"the end of epoch {epoch}"
+        print(f"paused at --max-steps {step}: saved {run_dir / CHECKPOINT} at {where}; continue with: "
+              f"pyro-vae train --resume {run_dir} --max-steps 0 (or a larger limit)")
+        return 0
     from pyro_vae.evaluation.pictures import write_run_pictures
 
     last = result.history[-1] if result.history else None

@@ -220,6 +220,8 @@ def run_notes(run_dir: str | Path, evaluation: dict[str, Any] | None = None) -> 
             notes.append(f"training in progress ({at})")
         elif state in ("killed", "interrupted", "aborted", "failed"):
             notes.append(f"incomplete: {state} at {at}")
+        elif state == "paused":
+            notes.append(f"incomplete: paused at step {status.get('step')} (--max-steps), {at}")
         elif state == "diverged":
             notes.append(f"incomplete: diverged after {at}")
     if evaluation is not None and is_stale(run_dir, evaluation):

@@ -34,8 +34,8 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 #: Options a resumed run may change: they change neither the program, nor the objective, nor the
 #: sequence of batches.  Every other option must equal the checkpoint's (``run_dir`` and ``data_dir``
 #: say where the run and its data are now; the data's fingerprint is checked separately).
-RESUMABLE = ("epochs", "patience", "lr", "device", "progress", "checkpoint_every", "checkpoint_every_steps",
-             "run_dir", "data_dir")
+RESUMABLE = ("epochs", "max_steps", "patience", "lr", "device", "progress", "checkpoint_every",
+             "checkpoint_every_steps", "run_dir", "data_dir")
 
 
 @dataclass
@@ -60,6 +60,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     # optimisation
     epochs: int = 50
+    max_steps: int = 0  # stop (resumably) once this many optimizer steps are taken in all; 0: no limit
     batch_size: int = 128
     lr: float = 1e-3
     patience: int = 10
@@ -144,6 +145,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0 (0 disables early stopping), got {self.patience!r}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0 (0: no limit), got {self.max_steps!r}")
         if self.checkpoint_every_steps < 0:
             raise ValueError(f"checkpoint_every_steps must be >= 0 (0: none), got {self.checkpoint_every_steps!r}")
         if not 0 <= self.seed <= MAX_SEED:

@@ -288,8 +288,8 @@ def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
 
 
 def write_status(run_dir: str | Path, state: str, **fields: Any) -> None:
-    """Record what the run's writer is doing (``training``, ``interrupted``, ``finished``,
-    ``stopped_early``, ``diverged``) and where it is, in ``status.json``."""
+    """Record what the run's writer is doing (``training``, ``interrupted``, ``paused`` at its step
+    limit, ``finished``, ``stopped_early``, ``diverged``) and where it is, in ``status.json``."""
     body = {"state": state, "pid": os.getpid(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
     write_atomic(Path(run_dir) / STATUS, json.dumps(body, indent=2) + "\n")
 

@@ -21,8 +21,11 @@ directory gets a unique name; the directory is locked while a trainer writes
 it; Ctrl-C, SIGTERM, SIGHUP, SIGUSR1/2 and SIGXCPU stop after the current step and save;
 checkpoints are also written inside an epoch every ``checkpoint_every``
 seconds or ``checkpoint_every_steps`` steps, so a kill loses at most that
-much; resuming truncates ``metrics.jsonl`` to the checkpoint and removes the
-temporary files a killed save left.  A resumed run may change only
+much; ``max_steps`` pauses a run after that many optimizer steps in all, with
+the same checkpoint a stop signal writes, so a run can be trained in pieces of
+any length (a schedule of learning rates in steps, say); resuming truncates
+``metrics.jsonl`` to the checkpoint and removes the temporary files a killed
+save left.  A resumed run may change only
 :data:`~pyro_vae.train.config.RESUMABLE` options, and its data must be the data
 it was trained on (:func:`~pyro_vae.train.integrity.data_fingerprint`).
 
@@ -151,13 +154,14 @@ def default_run_dir(config: TrainConfig, parent: str | Path = "runs") -> Path:
 class TrainResult:
     """What :meth:`Trainer.fit` returns: the run directory, the trained program and its data, one
     metrics row per epoch trained now, and how training ended (finished, interrupted by a signal,
-    stopped early, or nothing left to do on resume)."""
+    paused at ``max_steps``, stopped early, or nothing left to do on resume)."""
 
     run_dir: Path
     program: Program
     dataset: Dataset
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    reached_max_steps: bool = False  # paused at config.max_steps: resume with a larger one to train on
     stopped_early: bool = False
     signal: int | None = None  # the signal that interrupted training
     position: tuple[int, int, int] | None = None  # (epoch, batch, step) of the last checkpoint written
@@ -547,7 +551,8 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        """Train to ``config.epochs`` (or until early stopping, a stop signal or divergence)."""
+        """Train to ``config.epochs`` (or until ``config.max_steps``, early stopping, a stop signal or
+        divergence)."""
         if self._closed or (self.world.is_main and (self.lock is None or not self.lock.held)):
             raise RuntimeError("this Trainer was closed; build a new one to train again")
         try:
@@ -658,14 +663,15 @@ class Trainer:
                     step += 1
                     losses.append(loss.detach() * size)
                     last = b == batches - 1
+                    at_limit = bool(cfg.max_steps) and step >= cfg.max_steps  # every rank knows it
                     if not world.distributed:
                         due = not last and self._checkpoint_due(step, last_save)
                         stopping, signum = stop.requested, stop.signum
-                        sync = len(losses) >= LOG_EVERY or last or stopping or due
+                        sync = len(losses) >= LOG_EVERY or last or stopping or due or at_limit
                     else:  # the ranks agree at steps they all know: stop signals wait for the next one
                         due = stopping = False
                         steps_due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
-                        sync = len(losses) >= LOG_EVERY or last or (steps_due and not last)
+                        sync = len(losses) >= LOG_EVERY or last or (steps_due and not last) or at_limit
                     if sync:
                         chunk = torch.stack(losses)
                         if world.distributed:
@@ -678,7 +684,7 @@ class Trainer:
                         losses.clear()
                         done = min((b + 1) * bsz, n)
                         bar.set_postfix(loss=f"{epoch_loss / done:.3f}")
-                    if (stopping or due) and not last:
+                    if (stopping or due or at_limit) and not last:
                         if not self._parameters_finite():
                             raise self._diverged("the parameters became NaN or infinite", step, epoch, b,
                                                  first_step=False)
@@ -689,6 +695,9 @@ class Trainer:
                         if stopping:
                             bar.close()
                             return self._interrupted(result, signum, epoch, b + 1, step, batches)
+                        if at_limit:
+                            bar.close()
+                            return self._paused(result, epoch, b + 1, step, batches)
                 bar.close()
                 start_batch = 0
                 row = self._end_of_epoch(epoch, step, epoch_loss / n, time.perf_counter() - t0)
@@ -716,6 +725,8 @@ class Trainer:
                     self._status("stopped_early", epoch + 1)
                     result.position = (epoch + 1, 0, step)
                     return result
+                if at_limit and epoch + 1 < cfg.epochs:
+                    return self._paused(result, epoch + 1, 0, step, batches)
                 self._status("training", epoch + 1)
         self._status("finished", cfg.epochs)
         result.position = (cfg.epochs, 0, step)
@@ -764,13 +775,26 @@ class Trainer:
                      signal=signal.Signals(signum).name if signum else None)
         return result
 
+    def _paused(self, result: TrainResult, epoch: int, batch: int, step: int, batches: int) -> TrainResult:
+        """Training reached ``max_steps``: the checkpoint at ``step`` is saved; say where, and how to go on."""
+        result.reached_max_steps, result.position = True, (epoch, batch, step)
+        where = f"epoch {epoch + 1}, batch {batch}/{batches}" if batch else f"the end of epoch {epoch}"
+        if self.config.progress and self.world.is_main:
+            tqdm.write(f"reached --max-steps {self.config.max_steps}: saved {self.run_dir / CHECKPOINT} at {where}")
+        self._status("paused", epoch, batch=batch, step=step, max_steps=self.config.max_steps)
+        return result
+
     def _nothing_to_do(self, state: dict[str, Any]) -> str | None:
-        """Why a resumed run has nothing left to train (it reached ``epochs`` or stopped early), else None."""
-        cfg, epoch, batch = self.config, state["epoch"], state.get("batch", 0)
+        """Why a resumed run has nothing left to train (it reached ``epochs`` or ``max_steps``, or stopped
+        early), else None."""
+        cfg, epoch, batch, step = self.config, state["epoch"], state.get("batch", 0), state["step"]
         if epoch >= cfg.epochs:
             done = f"{epoch} epoch(s)" + (f" and {batch} batches of the next" if batch else "")
             return (f"the run in {self.run_dir} has already trained {done}, --epochs is {cfg.epochs}; "
                     f"pass --epochs with more than {epoch} to train longer")
+        if cfg.max_steps and step >= cfg.max_steps:
+            return (f"the run in {self.run_dir} has already taken {step} steps, --max-steps is {cfg.max_steps}; "
+                    f"pass --max-steps with more than {step}, or --max-steps 0 for no limit, to train longer")
         if state.get("stopped_early") and cfg.patience and state.get("bad_epochs", 0) >= cfg.patience:
             return (f"the run in {self.run_dir} stopped early after epoch {epoch}: the validation bound did not "
                     f"improve for {state['bad_epochs']} epochs (patience {cfg.patience}); pass a larger --patience, "

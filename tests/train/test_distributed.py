@@ -146,7 +146,10 @@ def spawned(tmp_path_factory):
         torch.set_num_threads(threads)
     jobs = [{"config": dict(DELTA, epochs=2, run_dir=str(root / "two"))},
             {"config": dict(DELTA, epochs=2, run_dir=str(root / "from_one")), "resume": True},
-            {"config": dict(DELTA, epochs=2, run_dir=str(root / "short")), "subset": SHORT}]
+            {"config": dict(DELTA, epochs=2, run_dir=str(root / "short")), "subset": SHORT},
+            {"config": dict(DELTA, epochs=2, max_steps=7, run_dir=str(root / "paused"))},
+            {"config": dict(DELTA, epochs=2, max_steps=7, run_dir=str(root / "in_pieces"))},
+            {"config": dict(DELTA, epochs=2, run_dir=str(root / "in_pieces")), "resume": True}]
     sys.path.insert(0, str(TESTS / "train"))  # the children import the worker by name
     try:
         mp.spawn(train_worker, args=(2, free_port(), jobs), nprocs=2, join=True)
@@ -188,6 +191,14 @@ def test_a_rank_without_a_share_of_a_short_last_batch_steps_in_lockstep(spawned,
     _assert_close(params(spawned / "short"), params(one))
     for a, b in zip(metrics(spawned / "short"), metrics(one)):
         assert (a["step"], a["valid_elbo"]) == (b["step"], pytest.approx(b["valid_elbo"], rel=1e-6))
+
+
+def test_the_ranks_pause_together_at_max_steps_and_go_on_as_one_run(spawned, tmp_path):
+    state = load_checkpoint(spawned / "paused" / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (0, 7, 7, 2)
+    assert len(state["rank_rng"]) == 2 and run_status(spawned / "paused")["state"] == "paused"
+    _assert_close(params(spawned / "in_pieces"), params(spawned / "two"))
+    assert [r["step"] for r in metrics(spawned / "in_pieces")] == [r["step"] for r in metrics(spawned / "two")]
 
 
 def test_checkpoints_continue_across_world_sizes(spawned, tmp_path):

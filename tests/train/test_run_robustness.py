@@ -18,6 +18,7 @@ import torch
 
 from pyro_vae.cli.main import main
 from pyro_vae.data import Dataset
+from pyro_vae.evaluation.report import run_notes
 from pyro_vae.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyro_vae.train.config import RESUMABLE, TrainConfig, load_toml
 from pyro_vae.train.integrity import DataChangedError, check_data_fingerprint, data_fingerprint, state_digest
@@ -179,8 +180,69 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_do(one_epoch_run, tmp
 
 
 def test_resumable_options_are_the_documented_ones():
-    assert set(RESUMABLE) == {"epochs", "patience", "lr", "device", "progress", "checkpoint_every",
+    assert set(RESUMABLE) == {"epochs", "max_steps", "patience", "lr", "device", "progress", "checkpoint_every",
                               "checkpoint_every_steps", "run_dir", "data_dir"}
+
+
+# -- 2b. a step limit: training in pieces ---------------------------------------------------------------
+
+def test_training_to_max_steps_in_pieces_equals_one_straight_run(tmp_path, digits):
+    """Paused at step 7 (mid-epoch), resumed to step 16 (mid-epoch), then to the end: bit for bit the
+    parameters and validation rows of one straight run; each pause is a paused run, not an interrupted one."""
+    cfg = TrainConfig.from_flat(dict(epochs=3, **{**TINY, "batch_size": 128}))  # 11 steps an epoch
+    train(cfg.replace(run_dir=str(tmp_path / "straight")), dataset=digits)
+    split = tmp_path / "split"
+    first = train(cfg.replace(run_dir=str(split), max_steps=7), dataset=digits)
+    assert first.reached_max_steps and not first.interrupted and first.signal is None
+    assert first.position == (0, 7, 7) and first.history == []
+    status = run_status(split)
+    assert (status["state"], status["step"], status["max_steps"]) == ("paused", 7, 7)
+    assert run_notes(split) == ["incomplete: paused at step 7 (--max-steps), epoch 0/3"]
+    state = load_checkpoint(split / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 7, 7)
+    second = train(cfg.replace(run_dir=str(split), max_steps=16), dataset=digits, resume=True)
+    assert second.reached_max_steps and second.position == (1, 5, 16) and [r["epoch"] for r in second.history] == [1]
+    last = train(cfg.replace(run_dir=str(split), max_steps=0), dataset=digits, resume=True)
+    assert not last.reached_max_steps and last.position == (3, 0, 33) and run_status(split)["state"] == "finished"
+    assert _same(_params(tmp_path / "straight"), _params(split))
+    rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["valid_elbo"]) for r in rows] == [(r["epoch"], r["step"], r["valid_elbo"])
+                                                                         for r in straight]
+
+
+def test_a_step_limit_on_an_epochs_last_batch_finishes_that_epoch_first(tmp_path, digits):
+    run = tmp_path / "r"
+    result = train(TrainConfig.from_flat(dict(epochs=3, max_steps=11, run_dir=str(run),
+                                              **{**TINY, "batch_size": 128})), dataset=digits)
+    assert result.reached_max_steps and result.position == (1, 0, 11)
+    assert [r["epoch"] for r in result.history] == [1] and result.history[0]["step"] == 11
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1 and (run / "best.pt").is_file()
+    assert run_status(run)["state"] == "paused"
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 11)
+
+
+def test_a_limit_at_the_last_epochs_end_is_a_finished_run(tmp_path, digits):
+    result = train(TrainConfig.from_flat(dict(epochs=1, max_steps=11, run_dir=str(tmp_path / "r"),
+                                              **{**TINY, "batch_size": 128})), dataset=digits)
+    assert not result.reached_max_steps and run_status(tmp_path / "r")["state"] == "finished"
+
+
+def test_the_command_pauses_at_max_steps_and_a_resume_with_nothing_left_says_which_flag(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", *FLAGS, "--batch-size", "128", "--epochs", "2", "--max-steps", "5",
+                 "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "paused at --max-steps 5" in out and f"--resume {run}" in out
+    before = (run / "config.json").read_text()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (f"nothing to do: the run in {run} has already taken 5 steps, --max-steps is 5; pass --max-steps with "
+            "more than 5, or --max-steps 0 for no limit") in out
+    assert (run / "config.json").read_text() == before
+    assert main(["train", "--resume", str(run), "--no-progress", "--max-steps", "0"]) == 0
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 22
 
 
 # -- 3. nothing lost: mid-epoch checkpoints, metrics and temporary files -------------------------------
@@ -401,6 +463,9 @@ def test_one_changed_value_changes_the_fingerprint_whichever_algorithm_recorded_
     ('device = "cuda:x"', "got 'cuda:x'"),
     ("seed = -1", "seed must be an integer in [0, 4294967295], got -1"),
     ("checkpoint_every = -5", "checkpoint_every must be >= 0, got -5.0"),
+    ("max_steps = -1", "max_steps must be >= 0 (0: no limit), got -1"),
+    ("max_steps = 2.5", "max_steps must be an integer, got 2.5 (float)"),
+    ('max_steps = "10"', "max_steps must be an integer, got '10' (str)"),
     ("latent-dim = 3\nlatent_dim = 4", "sets latent_dim twice: as 'latent-dim' and as 'latent_dim'"),
     ("epochs = 3\n[train]\nepochs = 4", "sets epochs twice: as 'epochs' and as 'epochs' in [train]"),
     ("[optimizer]\nlr = 0.1", "has a table [optimizer]"),
@@ -427,6 +492,8 @@ def test_bad_config_values_are_refused_by_name(tmp_path, capsys, toml, message):
     (["--device", "tpu"], "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
     (["--seed", str(2**64)], "argument --seed: expected a seed in [0, 4294967295]"),
     (["--patience", "-1"], "argument --patience: expected an integer >= 0, got -1"),
+    (["--max-steps", "-1"], "argument --max-steps: expected an integer >= 0, got -1"),
+    (["--max-steps", "1.5"], "argument --max-steps: expected an integer >= 0, got '1.5'"),
 ])
 def test_bad_flags_are_refused_by_name(capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -468,16 +535,18 @@ def test_a_bad_value_in_a_config_file_is_refused_by_the_file_even_where_a_flag_o
     ("particles = -2", "particles must be a positive integer, got -2"),
     ('device = "gpu"', "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
     ("patience = -1", "patience must be >= 0"),
+    ("max_steps = -4", "max_steps must be >= 0 (0: no limit), got -4"),
 ])
 def test_a_value_out_of_range_in_a_config_file_is_refused_even_where_a_flag_overrides_it(tmp_path, capsys, toml,
                                                                                          message):
     path = tmp_path / "bad.toml"
     path.write_text(toml + "\n")
     name = toml.split(" =")[0]
-    flag = {"epochs": "1", "seed": "1", "particles": "2", "device": "cpu", "patience": "0"}[name]
-    err = _error(["train", "--config", str(path), *FLAGS, "--epochs", "1", f"--{name}", flag, "--run-dir",
+    flag = {"epochs": "1", "seed": "1", "particles": "2", "device": "cpu", "patience": "0", "max_steps": "0"}[name]
+    option = "--" + name.replace("_", "-")
+    err = _error(["train", "--config", str(path), *FLAGS, "--epochs", "1", option, flag, "--run-dir",
                   str(tmp_path / "r")], capsys)
-    assert f"config file {path}: {message}" in err and f"--{name} on the command line overrides it" in err
+    assert f"config file {path}: {message}" in err and f"{option} on the command line overrides it" in err
     assert not (tmp_path / "r").exists()
 
 
