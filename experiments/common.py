@@ -2,18 +2,23 @@
 and results kept as raw JSON and a markdown table.
 
 A *cell* is one training run and its evaluation: ``pyro_vae.train`` on a
-:class:`~pyro_vae.TrainConfig` (optionally in stages, each resumed with its own
-learning rate, as the schedule of Burda et al. 2016 needs), then
-``pyro_vae.evaluate`` on the test set.  Results are written after every cell
-(atomically), and a script started again with the same ``--out`` skips the
-cells it already has, so an interrupted experiment loses at most one cell;
-a cell whose training was interrupted resumes from its checkpoint.
+:class:`~pyro_vae.TrainConfig` (optionally in stages of any number of passes,
+each resumed with its own learning rate up to its optimizer step, as the
+schedule of Burda et al. 2016 needs), then ``pyro_vae.evaluate`` on the test
+set.  Results are written after every cell (atomically), and a script started
+again with the same ``--out`` skips the cells it already has, so an interrupted
+experiment loses at most one cell; a cell whose training was interrupted
+resumes from its checkpoint.
 
 Every script takes ``--seed``, ``--device``, ``--data-dir``, ``--out`` and
 ``--smoke`` (a seconds-long run on the embedded 8x8 digits, what the test
 suite runs), and shows a progress bar over its cells.  ``--cells`` runs some
 cells only; several processes with the same ``--out`` may each run their own,
-since a cell is merged into ``results.json`` under a file lock.
+since a cell is merged into ``results.json`` under a file lock.  ``--jobs N``
+does that for you: N worker processes of one torch thread each, every one
+running the script again on its share of the cells (shares balanced by an
+estimated cost), while this process shows which cells are done, passes a
+stop signal on to the workers, and writes the tables once they are all done.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import json
 import math
 import os
 import platform
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyro  # noqa: E402
 
-from pyro_vae import TrainConfig, evaluate, load_run, train  # noqa: E402
+from pyro_vae import TrainConfig, evaluate, load_dataset, load_run, train  # noqa: E402
+from pyro_vae.cli.arguments import positive_int  # noqa: E402
+from pyro_vae.infer.objectives import draws_per_point  # noqa: E402
 from pyro_vae.train.checkpoint import CheckpointError  # noqa: E402
 from pyro_vae.train.rundir import is_locked  # noqa: E402
 
@@ -47,11 +56,30 @@ from pyro_vae.train.rundir import is_locked  # noqa: E402
 SMOKE_EVAL = {"particles": 20, "num_points": 60, "iwae_ks": (1, 5)}
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+#: Options that say how an experiment is run, not what it computes: left out of its settings.
+NOT_SETTINGS = ("progress", "cells", "jobs", "command_line")
+#: Seconds between two looks at the workers of ``--jobs``.
+POLL_SECONDS = 1.0
 
 
-def experiment_parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    """The options every experiment takes."""
-    p = argparse.ArgumentParser(description=description)
+class ExperimentParser(argparse.ArgumentParser):
+    """An experiment's options; the parsed options also keep the script and its arguments as
+    ``command_line``, which the workers of ``--jobs`` run again, each on its share of the cells."""
+
+    script = ""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        argv = list(sys.argv[1:] if args is None else args)
+        parsed = super().parse_args(argv, namespace)
+        parsed.command_line = (self.script, argv)
+        return parsed
+
+
+def experiment_parser(description: str, default_out: str, eval_points: int | None = None) -> ExperimentParser:
+    """The options every experiment takes (``eval_points``: the default of ``--eval-points``); made by
+    the script's ``main``, whose file the workers of ``--jobs`` run."""
+    p = ExperimentParser(description=description)
+    p.script = sys._getframe(1).f_code.co_filename
     p.add_argument("--seed", type=int, default=0, help="seed of training and evaluation (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--data-dir", default=os.environ.get("PYRO_VAE_DATA"),
@@ -61,14 +89,17 @@ def experiment_parser(description: str, default_out: str) -> argparse.ArgumentPa
                         "started again, the script skips the cells it already has")
     p.add_argument("--eval-particles", type=int, default=5000,
                    help="importance samples K per test point (default 5000, as in Burda et al. 2016)")
-    p.add_argument("--eval-points", type=int, default=None,
-                   help="evaluate only the first N test points (default: all; the first MNIST test images are "
-                        "easier than the rest, so a subset is not comparable with full-test-set numbers)")
+    p.add_argument("--eval-points", type=int, default=eval_points,
+                   help=f"evaluate only the first N test points (default: {eval_points or 'all'}; the first MNIST "
+                        "test images are easier than the rest, so a subset is not comparable with full-test-set "
+                        "numbers)")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on the 8x8 digits (for tests)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--cells", nargs="+", metavar="KEY", default=None,
                    help="run only these cells (keys as in results.json); scripts with the same --out and "
                         "different --cells may run at once, each adding its cells to the one results.json")
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                   help="run the cells in N worker processes of one torch thread each (default 1: all in this process)")
     return p
 
 
@@ -77,14 +108,15 @@ class Cell:
     """One training run and its evaluation.
 
     ``options`` are flat :class:`~pyro_vae.TrainConfig` options (``objective``,
-    ``particles``, ``hidden``, ...).  ``stages`` are ``(epochs, lr)`` pairs: the
-    run trains to the sum of the epochs, resuming at each stage with its
-    learning rate; empty means one stage of ``options["epochs"]``.
+    ``particles``, ``hidden``, ...).  ``stages`` are ``(passes, lr)`` pairs,
+    the passes any positive number: each stage resumes the run with its learning
+    rate and trains up to the optimizer step its passes so far come to
+    (:func:`stage_ends`); empty means one stage of ``options["epochs"]``.
     """
 
     key: str
     options: dict[str, Any]
-    stages: list[tuple[int, float]] = field(default_factory=list)
+    stages: list[tuple[float, float]] = field(default_factory=list)
     labels: dict[str, Any] = field(default_factory=dict)  # columns of the table that describe the cell
 
 
@@ -111,7 +143,7 @@ class Results:
         if self.path.is_file():
             self.data = json.loads(self.path.read_text())
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("progress", "cells")}
+                    if k not in NOT_SETTINGS}
         if self.data and self.data.get("settings") != settings:
             raise SystemExit(f"{self.path} holds results of other settings ({self.data.get('settings')}); "
                              "use another --out, or delete it to start again")
@@ -189,25 +221,46 @@ def evaluation_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"particles": args.eval_particles, "num_points": args.eval_points}
 
 
-def _train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace) -> float:
-    """Train (or finish training) ``cell`` into ``run_dir``; return the seconds spent now."""
-    options = {**base_options(args), **cell.options, "run_dir": str(run_dir)}
-    stages = cell.stages or [(int(options["epochs"]), float(options.get("lr", TrainConfig().lr)))]
-    start, done = time.perf_counter(), 0
-    for epochs, lr in stages:
-        done += epochs
-        config = TrainConfig.from_flat({**options, "epochs": done, "lr": lr})
-        resume = (run_dir / "checkpoint.pt").is_file()
-        result = train(config, resume=resume)
+def stage_ends(passes: Sequence[float], steps_per_epoch: int) -> list[int]:
+    """The optimizer step each stage trains up to: the passes so far in steps, rounded, and every stage
+    at least one step; the last stage ends at the nearest end of an epoch (at least one epoch, and
+    past the stage before), so the run's last metrics row, its ``best.pt`` and the evaluation all
+    come after the whole of it."""
+    ends: list[int] = []
+    total = 0.0
+    for p in passes:
+        if not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
+            raise ValueError(f"a stage's passes must be a positive number, got {p!r}")
+        total += p
+        ends.append(max(round(total * steps_per_epoch), (ends[-1] if ends else 0) + 1))
+    before = ends[-2] if len(ends) > 1 else 0
+    ends[-1] = max(round(total), 1, math.ceil((before + 1) / steps_per_epoch)) * steps_per_epoch
+    return ends
+
+
+def _train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace) -> tuple[float, int, float]:
+    """Train (or finish training) ``cell`` into ``run_dir``, stage by stage (each one a resumed run
+    with its learning rate and its ``max_steps``); the seconds spent now, and the optimizer steps and
+    passes over the training set the run comes to."""
+    config = TrainConfig.from_flat({**base_options(args), **cell.options, "run_dir": str(run_dir)})
+    stages = cell.stages or [(config.epochs, config.lr)]
+    dataset = load_dataset(config.data, config.data_dir)  # once for all the stages
+    steps_per_epoch = math.ceil(dataset.train.shape[0] / config.batch_size)
+    ends = stage_ends([passes for passes, _ in stages], steps_per_epoch)
+    start = time.perf_counter()
+    for i, (end, (_, lr)) in enumerate(zip(ends, stages)):
+        last = i == len(stages) - 1  # it ends with an epoch: no step limit, the run is then finished
+        stage = config.replace(epochs=math.ceil(end / steps_per_epoch), max_steps=0 if last else end, lr=lr)
+        result = train(stage, dataset=dataset, resume=(run_dir / "checkpoint.pt").is_file())
         if result.interrupted:
             raise KeyboardInterrupt(f"training of {cell.key} was interrupted; run the script again to resume it")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, ends[-1], ends[-1] / steps_per_epoch
 
 
 def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
     """Train and evaluate ``cell`` under ``args.out/runs``; the row of raw results."""
     run_dir = args.out / "runs" / cell.key
-    train_seconds = _train_cell(cell, run_dir, args)
+    train_seconds, steps, passes = _train_cell(cell, run_dir, args)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     eval_options = evaluation_options(args)
     report = evaluate(run_dir, seed=args.seed, plots_=False, data_dir=args.data_dir, device=args.device,
@@ -221,6 +274,8 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
         "stages": cell.stages,
         "run_dir": str(run_dir),
         "epochs": metrics[-1]["epoch"] if metrics else 0,
+        "steps": steps,
+        "passes": passes,
         "train_seconds": train_seconds,
         "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
         "curve": [{"epoch": row["epoch"], "train_loss": row["train_loss"], "valid_elbo": row["valid_elbo"],
@@ -239,10 +294,12 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
-              after: Callable[[Results], None] | None = None) -> None:
+              after: Callable[[Results], None] | None = None, cost: Callable[[Cell], float] | None = None) -> None:
     """Run every cell ``results`` lacks (of ``args.cells`` only, when given), saving after each;
     ``after(results)`` redraws the tables.  A cell another process sharing ``--out`` has finished
-    meanwhile, or is training now (its run directory locked), is left to it."""
+    meanwhile, or is training now (its run directory locked), is left to it.  With ``--jobs`` N > 1
+    the cells go to N workers (:func:`run_workers`), their shares balanced by ``cost`` (default
+    :func:`draws_cost`)."""
     keys = [cell.key for cell in cells]
     if len(set(keys)) != len(keys):
         raise ValueError(f"cell keys must be unique, got {keys}")
@@ -251,6 +308,13 @@ def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
     if unknown:
         raise SystemExit(f"--cells: no cell named {', '.join(unknown)}; the cells are {', '.join(keys)}")
     todo = [cell for cell in cells if cell.key not in results.cells and (not wanted or cell.key in wanted)]
+    if getattr(args, "jobs", 1) > 1:
+        try:
+            run_workers(todo, results, args, cost or draws_cost)
+        finally:
+            if after is not None:
+                after(results)
+        return
     bar = tqdm(todo, desc=results.data["experiment"], unit="cell", disable=not args.progress, dynamic_ncols=True)
     for cell in bar:
         bar.set_postfix_str(cell.key)
@@ -266,6 +330,90 @@ def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
             after(results)
     if after is not None:
         after(results)
+
+
+def draws_cost(cell: Cell) -> float:
+    """A cell's cost, roughly: draws from the guide per data point times stochastic layers."""
+    o = cell.options
+    return draws_per_point(o.get("objective", "trace"), o.get("particles"), o.get("groups")) * o.get(
+        "stochastic_layers", 1)
+
+
+def share_cells(cells: Sequence[Cell], jobs: int, cost: Callable[[Cell], float]) -> list[list[str]]:
+    """The keys of ``cells`` in at most ``jobs`` disjoint shares of about equal total ``cost``: the
+    costliest cell first, each to the share that costs least so far."""
+    shares: list[tuple[float, list[str]]] = [(0.0, []) for _ in range(min(jobs, len(cells)))]
+    for cell in sorted(cells, key=cost, reverse=True):
+        i = min(range(len(shares)), key=lambda j: shares[j][0])
+        shares[i] = (shares[i][0] + cost(cell), shares[i][1] + [cell.key])
+    return [keys for _, keys in shares]
+
+
+def run_workers(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
+                cost: Callable[[Cell], float]) -> None:
+    """Run ``cells`` in ``args.jobs`` worker processes, each the same script on its share of the cells
+    (:func:`share_cells`) with one torch thread, all writing into the one ``--out``; wait for them,
+    saying which cells are done.  A stop signal (Ctrl-C, SIGTERM, SIGHUP) is passed on to every worker
+    as a Ctrl-C, which a worker's training takes as "checkpoint and stop" and anything else unwinds
+    from; the workers run in their own sessions, so a Ctrl-C in the terminal reaches them once, from
+    here.  A worker that fails, or a stop, ends this with a non-zero exit."""
+    if not cells:
+        return
+    shares = share_cells(cells, args.jobs, cost)
+    script, argv = args.command_line
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    results.set("machine", {**machine(), "torch_threads": 1, "workers": len(shares)})
+    workers: list[subprocess.Popen] = []
+    stops: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stops.append(signum)
+        print(f"{signal.Signals(signum).name}: asking the workers to save and stop", file=sys.stderr)
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGINT)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    bar = tqdm(total=len(cells), desc=results.data["experiment"], unit="cell", disable=not args.progress,
+               dynamic_ncols=True)
+    failed: list[str] = []
+    try:
+        for keys in shares:
+            if not stops:
+                workers.append(subprocess.Popen([sys.executable, script, *argv, "--jobs", "1", "--no-progress",
+                                                 "--cells", *keys], env=env, start_new_session=True))
+        done: set[str] = set()
+        running = set(range(len(workers)))
+        while running:
+            time.sleep(POLL_SECONDS)
+            results.refresh()
+            for key in [key for keys in shares for key in keys if key in results.cells and key not in done]:
+                done.add(key)
+                bar.update()
+                tqdm.write(f"{key} done ({len(done)}/{len(cells)} cells)")
+            for i in sorted(running):
+                code = workers[i].poll()
+                if code is not None:
+                    running.discard(i)
+                    if code and not stops:
+                        failed.append(f"worker {i + 1} (cells {' '.join(shares[i])}) exited with status {code}")
+                        tqdm.write(failed[-1] + ("; waiting for the others" if running else ""))
+    finally:
+        bar.close()
+        for worker in workers:  # only if this process itself failed: the workers save and stop
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGINT)
+        for worker in workers:
+            worker.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        results.refresh()
+    if stops:
+        print(f"stopped by {signal.Signals(stops[0]).name}: the workers saved their runs; run the same command "
+              "again to continue", file=sys.stderr)
+        raise SystemExit(128 + stops[0])
+    if failed:
+        raise SystemExit("; ".join(failed))
 
 
 def estimate(row: dict[str, Any], name: str) -> str:
@@ -308,7 +456,9 @@ def command_without_cells(command: str) -> str:
 def provenance(results: Results) -> str:
     """Where the numbers come from: the command, the machine and the date."""
     m = results.data["machine"]
-    device = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
+    threads = (f"{m['workers']} worker processes of {m['torch_threads']} torch thread(s)" if m.get("workers")
+               else f"{m['torch_threads']} torch threads")
+    device = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {threads}"
     return (f"Command: `{results.data['command']}`  \nMachine: {device}; Python {m['python']}, torch {m['torch']}, "
             f"pyro-ppl {m['pyro']}  \nDate: {results.data.get('updated', 'not finished')}\n")
 

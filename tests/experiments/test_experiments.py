@@ -15,6 +15,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 import architectures  # noqa: E402
 import beta_sweep  # noqa: E402
 import burda_table  # noqa: E402
+import common  # noqa: E402
 import estimators  # noqa: E402
 import priors_guides  # noqa: E402
 import recipe  # noqa: E402
@@ -57,17 +58,38 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
         beta_sweep.main(["--smoke", "--no-progress", "--out", str(tmp_path), "--seed", "1"])
 
 
-@pytest.mark.parametrize("budget, epochs", [(0.003, 10), (0.01, 33), (1.0, 3280)])
-def test_burda_schedule_keeps_the_stages_and_scales_the_passes(budget, epochs):
+@pytest.mark.parametrize("budget", [0.0003, 0.0012, 0.003, 1.0])
+def test_burda_schedule_scales_every_stage_by_the_budget_in_fractions_of_an_epoch(budget):
     stages = burda_table.schedule(budget)
-    assert len(stages) == 8 and sum(e for e, _ in stages) == epochs
-    assert all(e >= 1 for e, _ in stages)
-    assert [e for e, _ in stages] == sorted(e for e, _ in stages)
+    assert len(stages) == 8 and sum(p for p, _ in stages) == pytest.approx(budget * 3280)
+    assert [p for p, _ in stages] == pytest.approx([budget * 3**i for i in range(8)])
     assert stages[0][1] == pytest.approx(1e-3) and stages[7][1] == pytest.approx(1e-3 * 10 ** (-1.0))
+    ends = common.stage_ends([p for p, _ in stages], 2500)  # MNIST in batches of 20
+    assert all(b > a for a, b in zip([0] + ends, ends))  # every stage at least one step
+    assert ends[-1] == max(1, round(budget * 3280)) * 2500  # the last stage ends with an epoch
     if budget == 1.0:
-        assert [e for e, _ in stages] == [3**i for i in range(8)]
-    with pytest.raises(ValueError, match="budget"):
-        burda_table.schedule(0.0)
+        assert ends == [2500 * sum(3**j for j in range(i + 1)) for i in range(8)]
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="budget"):
+            burda_table.schedule(bad)
+
+
+def test_stage_ends_in_steps():
+    assert common.stage_ends([10], 7) == [70]  # a plain run of 10 epochs
+    assert common.stage_ends([0.001, 0.001, 0.5], 100) == [1, 2, 100]  # at least a step each
+    assert common.stage_ends([0.5, 0.6], 10) == [5, 10]  # 1.1 passes in all: one epoch
+    assert common.stage_ends([1.4, 0.05], 10) == [14, 20]  # the last past the one before, at an epoch's end
+    with pytest.raises(ValueError, match="positive number, got 0"):
+        common.stage_ends([1, 0], 10)
+
+
+def test_cells_are_shared_between_workers_by_cost():
+    cells = [common.Cell(key, {}) for key in "abcde"]
+    cost = dict(a=5, b=4, c=3, d=3, e=1)
+    shares = common.share_cells(cells, 2, lambda cell: cost[cell.key])
+    assert sorted(sum(shares, [])) == list("abcde")
+    assert sorted(sum(cost[k] for k in share) for share in shares) == [8, 8]
+    assert common.share_cells(cells[:1], 3, lambda cell: 1.0) == [["a"]]
 
 
 def test_cells_run_apart_land_in_one_results_file_in_table_order(tmp_path):
@@ -85,25 +107,48 @@ def test_cells_run_apart_land_in_one_results_file_in_table_order(tmp_path):
 
 
 def test_the_recorded_command_is_the_whole_experiments():
-    import common
-
     assert common.command_without_cells("python e.py --epochs 3 --cells a b --out r") == "python e.py --epochs 3 --out r"
     assert common.command_without_cells("python e.py --cells a") == "python e.py"
 
 
 def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path):
-    import argparse
-
-    import common
-
     first = burda_table.SMOKE_CELLS[0]
     argv = ["--smoke", "--no-progress", "--out", str(tmp_path), "--cells", first]
-    parser = common.experiment_parser("", "burda")
-    parser.add_argument("--budget", type=float, default=0.003)
-    args: argparse.Namespace = parser.parse_args(argv)
+    args = burda_table.parser().parse_args(argv)
     results = common.Results(args.out, "burda", args)  # opened before the other process writes
     assert burda_table.main(argv) == 0  # the other process
     report = tmp_path / "runs" / first / "evaluation" / "evaluation.json"
     mtime = report.stat().st_mtime_ns
     common.run_cells(burda_table.cells(args), results, args)
     assert report.stat().st_mtime_ns == mtime and first in results.cells
+
+
+def test_jobs_runs_the_cells_in_workers_into_one_results_file(tmp_path, capsys):
+    assert burda_table.main(["--smoke", "--no-progress", "--out", str(tmp_path), "--jobs", "2"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data["cells"]) == list(burda_table.SMOKE_CELLS)  # table order, whoever ran them
+    assert data["machine"]["workers"] == 2 and data["machine"]["torch_threads"] == 1
+    assert all(row["passes"] == 2 and row["steps"] == 2 * 22 for row in data["cells"].values())
+    out = capsys.readouterr().out
+    assert all(f"{key} done" in out for key in burda_table.SMOKE_CELLS)
+    text = (tmp_path / "results.md").read_text()
+    assert "2 worker processes of 1 torch thread(s)" in text and "2 passes of the 3280" in text
+    assert text.count("\n| ") == 2 + 3  # the header, its rule and the three cells
+
+
+def test_a_failing_worker_fails_the_experiment_by_name_after_the_others_finish(tmp_path):
+    broken = burda_table.SMOKE_CELLS[2]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / broken).write_text("a file where the cell's run directory goes")
+    with pytest.raises(SystemExit, match=rf"worker \d \(cells [^)]*{broken}[^)]*\) exited with status 1"):
+        burda_table.main(["--smoke", "--no-progress", "--out", str(tmp_path), "--jobs", "2"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert broken not in data["cells"] and data["cells"]  # the other worker's cells are done
+    assert (tmp_path / "results.md").is_file()
+
+
+def test_burda_cells_trained_in_whole_epoch_stages_are_not_mixed_with_stages_in_steps(tmp_path):
+    argv = ["--smoke", "--no-progress", "--out", str(tmp_path)]
+    common.Results(tmp_path, "burda", burda_table.parser().parse_args(argv)).add("1layer-vae-k1", {"epochs": 2})
+    with pytest.raises(SystemExit, match=r"stages of whole epochs \(1layer-vae-k1\)"):
+        burda_table.main(argv)
