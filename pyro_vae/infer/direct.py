@@ -16,7 +16,11 @@ scaled in both programs by the active :func:`~pyro_vae.infer.scale.latent_scale`
 * ``renyi``/``iwae``: ``-sum_n renyi_bound(log w_n, alpha)``;
 
 with ``s = current_latent_scale()`` applied as ``poutine.scale`` applies it
-(:mod:`pyro_vae.infer.bounds` holds the bounds).  It never calls ``.item()`` and
+(:mod:`pyro_vae.infer.bounds` holds the bounds).  With one particle and the
+object-free parts, ``trace`` and ``meanfield`` sum each term over the batch as
+they compute it (the Bernoulli log-likelihood in the cross-entropy's own
+reduction, ``log q`` from the draw's noise): the same loss and gradients up to
+rounding, with no per-pixel tensor kept for the backward pass.  It never calls ``.item()`` and
 skips argument validation (:func:`~pyro_vae.infer.fast.make_loss_fn` checks it
 once against the validated Pyro estimator).
 
@@ -75,12 +79,21 @@ class DiagonalNormal:
         return DiagonalNormal(self.loc, self.scale, batch_shape[0])
 
     def rsample(self) -> torch.Tensor:
+        return self.rsample_with_noise()[0]
+
+    def rsample_with_noise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draw ``z = loc + scale * eps`` and its noise ``eps``."""
         shape = self.loc.shape if self.particles == 1 else (self.particles, *self.loc.shape)
         eps = torch.empty(shape, dtype=self.loc.dtype, device=self.loc.device).normal_()
-        return reparameterize(self.loc, self.scale, eps)
+        return reparameterize(self.loc, self.scale, eps), eps
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return diagonal_gaussian_log_density(value, self.loc, self.scale)
+    def log_prob(self, value: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Per point; ``noise``: ``value`` is this distribution's draw with that noise."""
+        return diagonal_gaussian_log_density(value, self.loc, self.scale, noise)
+
+    def total_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """The log-density summed over the batch too."""
+        return self.log_prob(value).sum()
 
 
 class BernoulliLogits:
@@ -91,6 +104,10 @@ class BernoulliLogits:
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return bernoulli_log_likelihood(value, self.logits)
+
+    def total_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """The log-likelihood summed over the batch too, in one reduction."""
+        return bernoulli_log_likelihood(value, self.logits, total=True)
 
 
 class StandardNormal:
@@ -196,20 +213,31 @@ def unsupported_reason(elbo: ELBO, vae: VAE) -> str | None:
 
 class DirectDraw(NamedTuple):
     """One pass through the parts: the guide ``q`` (expanded to the particles), the prior ``p``,
-    the draw ``z`` and ``log p(x | z)``."""
+    the draw ``z`` and ``log p(x | z)`` (per point, or summed over the batch), and the draw's
+    noise when the object-free guide drew it."""
 
     q: Any
     q_particles: Any
     p: Any
     z: torch.Tensor
     log_px: torch.Tensor
+    noise: torch.Tensor | None = None
+
+    def log_q(self) -> torch.Tensor:
+        """``log q(z | x)`` per point, from the draw's noise where it is known."""
+        if self.noise is None:
+            return self.q_particles.log_prob(self.z)
+        return self.q_particles.log_prob(self.z, noise=self.noise)
 
 
 def direct_draw(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, num_particles: int,
-                fast_parts: tuple[Callable, Callable, Callable] | None, particle_dim: bool) -> DirectDraw | None:
+                fast_parts: tuple[Callable, Callable, Callable] | None, particle_dim: bool,
+                total: bool = False) -> DirectDraw | None:
     """The parts called in the guide's then the replayed model's order, through ``fast_parts``
     (:func:`fast_parts_of`) or the parts' own distributions; ``None`` if the guide cannot
-    ``rsample``.  ``particle_dim`` keeps a particle dim of size 1 for one particle."""
+    ``rsample``.  ``particle_dim`` keeps a particle dim of size 1 for one particle.
+    ``total`` (object-free parts, one particle) sums ``log p(x | z)`` over the batch and keeps
+    the guide's noise, for a loss that is a sum over the batch."""
     c = vae.condition(y)
     batch = x.shape[0]
     if fast_parts is not None:
@@ -220,16 +248,22 @@ def direct_draw(vae: VAE, x: torch.Tensor, y: torch.Tensor | None, num_particles
         if not q.has_rsample:
             return None
     q_particles = q.expand((num_particles, batch)) if num_particles > 1 or particle_dim else q
-    z = q_particles.rsample()
+    total = total and fast_parts is not None and num_particles == 1 and not particle_dim
+    noise = None
+    if total and isinstance(q_particles, DiagonalNormal):
+        z, noise = q_particles.rsample_with_noise()
+    else:
+        z = q_particles.rsample()
     if particle_dim and num_particles == 1 and isinstance(q, DiagonalNormal):
         z = z.unsqueeze(0)  # the object-free guide draws (B, r) for one particle
     if fast_parts is not None:
         p = prior_fn(vae.prior, batch, c)
-        log_px = decoder_fn(vae.decoder, z, c).log_prob(x)
+        likelihood = decoder_fn(vae.decoder, z, c)
+        log_px = likelihood.total_log_prob(x) if total else likelihood.log_prob(x)
     else:
         p = vae.prior(batch, c)
         log_px = vae.decoder(z, c).log_prob(x)
-    return DirectDraw(q, q_particles, p, z, log_px)
+    return DirectDraw(q, q_particles, p, z, log_px, noise)
 
 
 def _scaled(log_density: torch.Tensor, scale: float) -> torch.Tensor:
@@ -296,18 +330,25 @@ class DirectLoss:
             return self._loss(x, y, scale)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+        one = self.num_particles == 1
+        # One particle of a Monte Carlo ELBO: the loss is minus a sum over the batch of each
+        # point's terms, so each term is summed over the batch as it is computed.
+        totals = one and self.fast_parts and self.kind in ("trace", "meanfield")
         # One particle: no particle plate, as in Pyro; the bounds then see a particle dim of 1.
-        draw = direct_draw(self.vae, x, y, self.num_particles, self._parts, particle_dim=False)
+        draw = direct_draw(self.vae, x, y, self.num_particles, self._parts, particle_dim=False, total=totals)
         if draw is None:
             return None
-        one = self.num_particles == 1
         if self.kind == "meanfield":
             kl = _analytic_kl(draw.q, draw.p)
             if kl is not None:
+                if totals:  # (D16) with K = 1, summed over the batch
+                    return -sgvb_estimator(draw.log_px.unsqueeze(0), kl.sum(), beta=scale)
                 log_px = draw.log_px.unsqueeze(0) if one else draw.log_px
                 return -sgvb_estimator(log_px, kl, beta=scale).sum()
-        log_w = (_scaled(draw.p.log_prob(draw.z), scale) + draw.log_px
-                 - _scaled(draw.q_particles.log_prob(draw.z), scale))
+        if totals:  # (D15) with K = 1, summed over the batch
+            log_w = _scaled(draw.p.log_prob(draw.z).sum(), scale) + draw.log_px - _scaled(draw.log_q().sum(), scale)
+            return -elbo_bound(log_w.unsqueeze(0))
+        log_w = _scaled(draw.p.log_prob(draw.z), scale) + draw.log_px - _scaled(draw.log_q(), scale)
         if one:
             log_w = log_w.unsqueeze(0)
         if self.kind in ("trace", "meanfield"):
@@ -333,5 +374,5 @@ def direct_log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None,
         return None
     draw = direct_draw(vae, x, y, num_particles, parts, particle_dim=True)
     log_pz = _scaled(draw.p.log_prob(draw.z), scale)
-    log_qz = _scaled(draw.q_particles.log_prob(draw.z), scale)
+    log_qz = _scaled(draw.log_q(), scale)
     return log_pz + draw.log_px - log_qz, draw.log_px, log_pz - log_qz

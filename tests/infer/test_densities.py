@@ -47,3 +47,33 @@ def test_bernoulli_log_likelihood_is_x_log_pi_plus_one_minus_x_log_one_minus_pi(
     assert torch.equal(bernoulli_log_likelihood(x32, logits32), dist.Bernoulli(logits=logits32).to_event(1).log_prob(x32))
     # stable where the naive formula overflows
     assert torch.isfinite(bernoulli_log_likelihood(torch.zeros(1, 1), torch.tensor([[200.0]]))).all()
+
+
+def test_the_guide_density_at_its_own_draw_from_the_noise_has_the_same_value_and_gradient():
+    torch.manual_seed(0)
+    loc = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    log_scale = (0.3 * torch.randn(6, 4, dtype=torch.float64)).requires_grad_()
+    eps = torch.randn(6, 4, dtype=torch.float64)
+
+    def density(noise):
+        scale = log_scale.exp()
+        z = reparameterize(loc, scale, eps)
+        return diagonal_gaussian_log_density(z, loc, scale, noise)
+
+    recomputed, from_noise = density(None), density(eps)
+    assert torch.allclose(from_noise, recomputed, rtol=1e-12)
+    expected = torch.autograd.grad(recomputed.sum(), (loc, log_scale))
+    got = torch.autograd.grad(from_noise.sum(), (loc, log_scale), allow_unused=True)
+    assert got[0] is None and torch.allclose(expected[0], torch.zeros_like(loc), atol=1e-12)  # d/d mu is zero
+    assert torch.allclose(got[1], expected[1], rtol=1e-10, atol=1e-12)
+    # the noise is taken as given: other noise, another density
+    assert not torch.allclose(diagonal_gaussian_log_density(reparameterize(loc, log_scale.exp(), eps), loc,
+                                                            log_scale.exp(), 2 * eps), recomputed)
+
+
+def test_the_bernoulli_total_is_the_sum_of_the_per_point_log_likelihoods():
+    torch.manual_seed(0)
+    logits, x = torch.randn(3, 5, 9, dtype=torch.float64), torch.randint(0, 2, (5, 9)).double()
+    total = bernoulli_log_likelihood(x, logits, total=True)
+    assert total.dim() == 0
+    assert torch.allclose(total, bernoulli_log_likelihood(x, logits).sum(), rtol=1e-12)

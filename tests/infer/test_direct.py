@@ -247,9 +247,10 @@ def test_a_drifted_fast_part_is_caught_and_the_distributions_used(monkeypatch):
 BROKEN_EQUATIONS = {
     "_scaled": ("trace", lambda log_density, scale: log_density),  # ignores the latent scale
     "reparameterize": ("trace", lambda loc, scale, eps: loc + 0.5 * eps * scale),
-    "diagonal_gaussian_log_density": ("trace", lambda value, loc, scale: ((value - loc) ** 2 / -scale**2).sum(-1)),
+    "diagonal_gaussian_log_density": ("trace", lambda value, loc, scale, noise=None:
+                                      ((value - loc) ** 2 / -scale**2).sum(-1)),
     "standard_normal_log_density": ("trace", lambda value: (value**2 / -3).sum(-1)),
-    "bernoulli_log_likelihood": ("trace", lambda x, logits: -bernoulli_log_likelihood(x, logits)),
+    "bernoulli_log_likelihood": ("trace", lambda x, logits, total=False: -bernoulli_log_likelihood(x, logits, total)),
     "gaussian_kl_to_standard_normal": ("meanfield", lambda loc, scale: 0.9 * (loc**2 + scale**2).sum(-1)),
     "sgvb_estimator": ("meanfield", lambda log_lik, kl, beta: log_lik.mean(0) - kl),
     "elbo_bound": ("trace", lambda log_w: 1.1 * log_w.mean(0)),
