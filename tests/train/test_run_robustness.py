@@ -435,7 +435,7 @@ def test_one_changed_value_changes_the_fingerprint_whichever_algorithm_recorded_
                       test_labels=digits.test_labels, image_shape=digits.image_shape, binary=False,
                       dynamic_binarization=False, num_classes=10)
     changed.train[7, 3] = torch.nextafter(changed.train[7, 3], torch.tensor(2.0))  # one ulp
-    for algorithm in ("crc32", "sha256"):  # sha256: what older runs recorded
+    for algorithm in ("xxh3_64", "crc32", "sha256"):  # crc32, sha256: what older runs recorded
         saved = data_fingerprint(digits, algorithm)
         assert saved["algorithm"] == algorithm
         check_data_fingerprint(saved, digits, "the run")  # the same data passes
