@@ -57,6 +57,18 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
 
+def check_unit_interval(x: torch.Tensor, what: str, needed_by: str) -> None:
+    """Raise :class:`DataDomainError` unless every value of ``x`` is finite and in [0, 1]: one pass
+    over the data (NaN and infinities show in the minimum and maximum), a second only to count
+    the non-finite values of data that has some."""
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        check_finite(x, what)
+    if lo < 0.0 or hi > 1.0:
+        raise DataDomainError(f"{what} has values in [{lo:g}, {hi:g}]; {needed_by} needs values in [0, 1] "
+                              "(rescale the data, or use --decoder gaussian)")
+
+
 class BernoulliDecoder(Decoder):
     """p(x | z) = prod_j Bernoulli(x_j; sigmoid(f(z))_j), parameterized by logits
     so that ``log p`` is the numerically stable ``-BCEWithLogits``."""
@@ -70,13 +82,7 @@ class BernoulliDecoder(Decoder):
         return torch.sigmoid(self.features(z, y))
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
-        super().check_data(x, what)
-        lo, hi = (float(v) for v in torch.aminmax(x))
-        if lo < 0.0 or hi > 1.0:
-            raise DataDomainError(
-                f"{what} has values in [{lo:g}, {hi:g}]; the Bernoulli decoder needs values in [0, 1] "
-                "(rescale the data, or use --decoder gaussian)"
-            )
+        check_unit_interval(x, what, "the Bernoulli decoder")
 
 
 class GaussianDecoder(Decoder):
@@ -139,10 +145,4 @@ class ContinuousBernoulliDecoder(Decoder):
         return dist.ContinuousBernoulli(logits=self.features(z, y), validate_args=False).to_event(1)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
-        super().check_data(x, what)
-        lo, hi = (float(v) for v in torch.aminmax(x))
-        if lo < 0.0 or hi > 1.0:
-            raise DataDomainError(
-                f"{what} has values in [{lo:g}, {hi:g}]; the continuous Bernoulli decoder needs values "
-                "in [0, 1] (rescale the data, or use --decoder gaussian)"
-            )
+        check_unit_interval(x, what, "the continuous Bernoulli decoder")

@@ -254,7 +254,6 @@ def batch_args(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, .
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate_loss(loss_fn: Callable[..., torch.Tensor], program: Program, x: torch.Tensor,
                   y: torch.Tensor | None, batch_size: int = 1000) -> float:
     """Mean per-point loss over ``x`` (nats) in batches: ``loss_fn(model, guide, *batch)`` is a
