@@ -33,8 +33,9 @@ layer, 210 ms with two.  At the defaults (4 passes, the first 1,000 test
 points) a cell takes, training and evaluation, 2.9, 3.6 and 11.6 minutes at
 k = 1, 5, 50 with one stochastic layer (of which 1.3 evaluating), 6.4, 7.5 and
 17.8 minutes with two (3.5 evaluating): 90 minutes of one thread for the ten
-cells.  ``--jobs 2`` splits them into two workers of about 46 and 44 minutes,
-so the whole table takes about 46 minutes on two cores:
+cells, by those step times.  ``--jobs 2`` splits them into two workers; in the
+run of docs/results.md its workers used 31.9 and 30.8 minutes of CPU time, so
+the whole table takes about 32 minutes on two free cores:
 
     python experiments/burda_table.py --jobs 2 --out runs/burda
 
