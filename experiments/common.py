@@ -57,7 +57,8 @@ SMOKE_EVAL = {"particles": 20, "num_points": 60, "iwae_ks": (1, 5)}
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 #: Options that say how an experiment is run, not what it computes: left out of its settings.
-NOT_SETTINGS = ("progress", "cells", "jobs", "command_line")
+#: (Where the data sets lie is one of them: each run checks the data's fingerprint itself.)
+NOT_SETTINGS = ("progress", "cells", "jobs", "command_line", "data_dir")
 #: Seconds between two looks at the workers of ``--jobs``.
 POLL_SECONDS = 1.0
 
@@ -144,13 +145,14 @@ class Results:
             self.data = json.loads(self.path.read_text())
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in NOT_SETTINGS}
-        if self.data and self.data.get("settings") != settings:
+        recorded = {k: v for k, v in self.data.get("settings", {}).items() if k not in NOT_SETTINGS}
+        if self.data and recorded != settings:
             raise SystemExit(f"{self.path} holds results of other settings ({self.data.get('settings')}); "
                              "use another --out, or delete it to start again")
         self.data.setdefault("experiment", name)
         self.data["command"] = command_without_cells(self.data.get("command")
                                                      or " ".join([Path(sys.executable).name, *sys.argv]))
-        self.data.setdefault("settings", settings)
+        self.data["settings"] = settings
         self.data["machine"] = machine()
         self.data.setdefault("cells", {})
 

@@ -111,6 +111,25 @@ def test_the_recorded_command_is_the_whole_experiments():
     assert common.command_without_cells("python e.py --cells a") == "python e.py"
 
 
+def test_results_continue_from_another_data_folder_but_record_none(tmp_path):
+    """Where the data lies is not a setting (each run checks the data's fingerprint), so raw results
+    carry no machine's path and continue wherever the data sets are."""
+    def open_results(data_dir):
+        args = burda_table.parser().parse_args(["--smoke", "--out", str(tmp_path), "--data-dir", data_dir])
+        return common.Results(args.out, "burda", args)
+
+    results = open_results(str(tmp_path / "here"))
+    results.add("a-cell", {"log_likelihood": {"mean": -1.0}})
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    assert "data_dir" not in recorded["settings"]
+    recorded["settings"]["data_dir"] = "$PYRO_VAE_DATA"  # as raw results written elsewhere may name it
+    (tmp_path / "results.json").write_text(json.dumps(recorded))
+    again = open_results(str(tmp_path / "elsewhere"))
+    assert list(again.cells) == ["a-cell"] and "data_dir" not in again.data["settings"]
+    with pytest.raises(SystemExit, match="other settings"):  # a real setting still counts
+        burda_table.main(["--smoke", "--no-progress", "--out", str(tmp_path), "--seed", "3"])
+
+
 def test_a_cell_another_process_finished_meanwhile_is_not_run_again(tmp_path):
     first = burda_table.SMOKE_CELLS[0]
     argv = ["--smoke", "--no-progress", "--out", str(tmp_path), "--cells", first]
