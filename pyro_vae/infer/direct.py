@@ -20,8 +20,8 @@ with ``s = current_latent_scale()`` applied as ``poutine.scale`` applies it
 object-free parts, ``trace`` and ``meanfield`` sum each term over the batch as
 they compute it (the Bernoulli log-likelihood in the cross-entropy's own
 reduction, ``log q`` from the draw's noise): the same loss and gradients up to
-rounding, with no per-pixel tensor kept for the backward pass.  It never calls ``.item()`` and
-skips argument validation (:func:`~pyro_vae.infer.fast.make_loss_fn` checks it
+rounding, with no per-pixel tensor kept for the backward pass.  It never calls
+``.item()`` and skips argument validation (:func:`~pyro_vae.infer.fast.make_loss_fn` checks it
 once against the validated Pyro estimator).
 
 For the parts of :data:`FAST_PRIORS`, :data:`FAST_GUIDES` and
