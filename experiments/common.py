@@ -255,7 +255,7 @@ def _train_cell(cell: Cell, run_dir: Path, args: argparse.Namespace) -> tuple[fl
         stage = config.replace(epochs=math.ceil(end / steps_per_epoch), max_steps=0 if last else end, lr=lr)
         result = train(stage, dataset=dataset, resume=(run_dir / "checkpoint.pt").is_file())
         if result.interrupted:
-            raise KeyboardInterrupt(f"training of {cell.key} was interrupted; run the script again to resume it")
+            raise KeyboardInterrupt(f"training of {cell.key} was interrupted and saved")
     return time.perf_counter() - start, ends[-1], ends[-1] / steps_per_epoch
 
 
@@ -295,6 +295,18 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def stopped_cleanly(what: str) -> Iterator[None]:
+    """Turn a Ctrl-C inside the block into one line on stderr and exit status 130, not a traceback:
+    a stop is how a long experiment is paused, and the script started again continues it (training
+    has saved its checkpoint; an evaluation cut short is done again)."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        print(f"{str(stop) or what}; run the same command again to continue", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
 def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
               after: Callable[[Results], None] | None = None, cost: Callable[[Cell], float] | None = None) -> None:
     """Run every cell ``results`` lacks (of ``args.cells`` only, when given), saving after each;
@@ -324,10 +336,11 @@ def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
         if cell.key in results.cells or is_locked(args.out / "runs" / cell.key):
             continue
         pyro.clear_param_store()
-        try:
-            results.add(cell.key, run_cell(cell, args), order=keys)
-        except CheckpointError as error:
-            raise SystemExit(f"cell {cell.key}: {error}") from None
+        with stopped_cleanly(f"cell {cell.key} was interrupted"):
+            try:
+                results.add(cell.key, run_cell(cell, args), order=keys)
+            except CheckpointError as error:
+                raise SystemExit(f"cell {cell.key}: {error}") from None
         if after is not None:
             after(results)
     if after is not None:

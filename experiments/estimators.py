@@ -138,8 +138,10 @@ def snr_figure(results: common.Results, args) -> None:
     x = run.load_data(args.data_dir).test[: 8 if args.smoke else 64].to(run.device)
     particles = (1, 2) if args.smoke else SNR_PARTICLES
     draws = 10 if args.smoke else SNR_DRAWS
-    sweep = snr.snr_sweep(run.program.model, run.program.guide, x, objectives=SMOKE_SNR if args.smoke else SNR_OBJECTIVES,
-                          particles=particles, draws=draws, seed=args.seed, progress=args.progress)
+    with common.stopped_cleanly("the gradient-SNR sweep was interrupted"):
+        sweep = snr.snr_sweep(run.program.model, run.program.guide, x,
+                              objectives=SMOKE_SNR if args.smoke else SNR_OBJECTIVES, particles=particles,
+                              draws=draws, seed=args.seed, progress=args.progress)
     snr.write_snr(sweep, results.out, title=f"At the parameters of the trained {reference['key']} run, "
                                             f"{draws} gradient draws on {x.shape[0]} test points.")
     results.set("snr", {"run": reference["key"], "batch": x.shape[0], "draws": draws,

@@ -171,3 +171,20 @@ def test_burda_cells_trained_in_whole_epoch_stages_are_not_mixed_with_stages_in_
     common.Results(tmp_path, "burda", burda_table.parser().parse_args(argv)).add("1layer-vae-k1", {"epochs": 2})
     with pytest.raises(SystemExit, match=r"stages of whole epochs \(1layer-vae-k1\)"):
         burda_table.main(argv)
+
+
+@pytest.mark.parametrize("stop, said", [(KeyboardInterrupt("training of {key} was interrupted and saved"),
+                                         "training of {key} was interrupted and saved"),
+                                        (KeyboardInterrupt(), "cell {key} was interrupted")])
+def test_a_stopped_cell_ends_the_script_with_one_line_and_status_130(stop, said, tmp_path, monkeypatch, capsys):
+    key = burda_table.SMOKE_CELLS[0]
+
+    def stopped(cell, args):
+        raise type(stop)(*(arg.format(key=cell.key) for arg in stop.args))
+
+    monkeypatch.setattr(common, "run_cell", stopped)
+    with pytest.raises(SystemExit) as exit_:
+        burda_table.main(["--smoke", "--no-progress", "--out", str(tmp_path)])
+    assert exit_.value.code == 130 and exit_.value.__cause__ is None and exit_.value.__suppress_context__
+    err = capsys.readouterr().err
+    assert err == said.format(key=key) + "; run the same command again to continue\n"
