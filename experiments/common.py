@@ -307,6 +307,24 @@ def stopped_cleanly(what: str) -> Iterator[None]:
         raise SystemExit(128 + signal.SIGINT) from None
 
 
+def accept_stops() -> None:
+    """Let a Ctrl-C in: a worker of ``--jobs`` starts with it held back (:func:`start_worker`), so a stop
+    sent while it is still importing arrives here, where it ends the worker cleanly, and not as a
+    traceback from inside an import.  Elsewhere it changes nothing."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def start_worker(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start ``command`` in a session of its own with Ctrl-C held back (blocked, so kept pending, not
+    lost) until it calls :func:`accept_stops`.  The mask is set in this process around the fork, which
+    the child inherits, rather than in a ``preexec_fn``, which is unsafe beside torch's threads."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return subprocess.Popen(list(command), env=env, start_new_session=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
               after: Callable[[Results], None] | None = None, cost: Callable[[Cell], float] | None = None) -> None:
     """Run every cell ``results`` lacks (of ``args.cells`` only, when given), saving after each;
@@ -322,6 +340,8 @@ def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
     if unknown:
         raise SystemExit(f"--cells: no cell named {', '.join(unknown)}; the cells are {', '.join(keys)}")
     todo = [cell for cell in cells if cell.key not in results.cells and (not wanted or cell.key in wanted)]
+    with stopped_cleanly(f"stopped before {' '.join(cell.key for cell in todo) or 'any cell'} started"):
+        accept_stops()
     if getattr(args, "jobs", 1) > 1:
         try:
             run_workers(todo, results, args, cost or draws_cost)
@@ -395,8 +415,8 @@ def run_workers(cells: Sequence[Cell], results: Results, args: argparse.Namespac
     try:
         for keys in shares:
             if not stops:
-                workers.append(subprocess.Popen([sys.executable, script, *argv, "--jobs", "1", "--no-progress",
-                                                 "--cells", *keys], env=env, start_new_session=True))
+                workers.append(start_worker([sys.executable, script, *argv, "--jobs", "1", "--no-progress",
+                                             "--cells", *keys], env))
         done: set[str] = set()
         running = set(range(len(workers)))
         while running:

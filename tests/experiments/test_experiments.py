@@ -4,7 +4,10 @@ second start skips the cells it has, and the Burda et al. schedule is scaled as 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -188,3 +191,18 @@ def test_a_stopped_cell_ends_the_script_with_one_line_and_status_130(stop, said,
     assert exit_.value.code == 130 and exit_.value.__cause__ is None and exit_.value.__suppress_context__
     err = capsys.readouterr().err
     assert err == said.format(key=key) + "; run the same command again to continue\n"
+
+
+def test_a_stop_while_the_workers_still_import_ends_them_cleanly_too(tmp_path, capfd):
+    stop = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # the workers take seconds to import torch
+    stop.start()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            burda_table.main(["--smoke", "--no-progress", "--out", str(tmp_path), "--jobs", "2"])
+    finally:
+        stop.cancel()
+    assert exit_.value.code == 128 + signal.SIGINT
+    err = capfd.readouterr().err
+    assert "Traceback" not in err  # two workers and this process, one line each
+    assert err.count("; run the same command again to continue\n") == 3
+    assert not json.loads((tmp_path / "results.json").read_text())["cells"]
