@@ -444,8 +444,8 @@ def run_workers(cells: Sequence[Cell], results: Results, args: argparse.Namespac
             signal.signal(signum, handler)
         results.refresh()
     if stops:
-        print(f"stopped by {signal.Signals(stops[0]).name}: the workers saved their runs; run the same command "
-              "again to continue", file=sys.stderr)
+        print(f"stopped by {signal.Signals(stops[0]).name}: the workers stopped, each run in training saved; "
+              "run the same command again to continue", file=sys.stderr)
         raise SystemExit(128 + stops[0])
     if failed:
         raise SystemExit("; ".join(failed))
