@@ -59,6 +59,8 @@ RESULTS_MD = "results.md"
 #: Options that say how an experiment is run, not what it computes: left out of its settings.
 #: (Where the data sets lie is one of them: each run checks the data's fingerprint itself.)
 NOT_SETTINGS = ("progress", "cells", "jobs", "command_line", "data_dir")
+#: What every stop of an experiment ends with: a script started again continues where it stopped.
+TO_CONTINUE = "run the same command again to continue"
 #: Seconds between two looks at the workers of ``--jobs``.
 POLL_SECONDS = 1.0
 
@@ -303,15 +305,16 @@ def stopped_cleanly(what: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as stop:
-        print(f"{str(stop) or what}; run the same command again to continue", file=sys.stderr)
+        print(f"{str(stop) or what}; {TO_CONTINUE}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
 
 
-def accept_stops() -> None:
+def accept_stops(what: str) -> None:
     """Let a Ctrl-C in: a worker of ``--jobs`` starts with it held back (:func:`start_worker`), so a stop
-    sent while it is still importing arrives here, where it ends the worker cleanly, and not as a
-    traceback from inside an import.  Elsewhere it changes nothing."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    sent while it is still importing arrives here and ends the worker cleanly, saying ``what`` stopped,
+    and not as a traceback from inside an import.  Elsewhere it changes nothing."""
+    with stopped_cleanly(what):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def start_worker(command: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
@@ -340,8 +343,7 @@ def run_cells(cells: Sequence[Cell], results: Results, args: argparse.Namespace,
     if unknown:
         raise SystemExit(f"--cells: no cell named {', '.join(unknown)}; the cells are {', '.join(keys)}")
     todo = [cell for cell in cells if cell.key not in results.cells and (not wanted or cell.key in wanted)]
-    with stopped_cleanly(f"stopped before {' '.join(cell.key for cell in todo) or 'any cell'} started"):
-        accept_stops()
+    accept_stops(f"stopped before {' '.join(cell.key for cell in todo) or 'any cell'} started")
     if getattr(args, "jobs", 1) > 1:
         try:
             run_workers(todo, results, args, cost or draws_cost)
@@ -445,7 +447,7 @@ def run_workers(cells: Sequence[Cell], results: Results, args: argparse.Namespac
         results.refresh()
     if stops:
         print(f"stopped by {signal.Signals(stops[0]).name}: the workers stopped, each run in training saved; "
-              "run the same command again to continue", file=sys.stderr)
+              f"{TO_CONTINUE}", file=sys.stderr)
         raise SystemExit(128 + stops[0])
     if failed:
         raise SystemExit("; ".join(failed))
